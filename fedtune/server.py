@@ -1,0 +1,130 @@
+"""What the coordinator's ServerApp does: run the rounds and keep the run folder.
+
+Read top to bottom: set up (run folder, initial adapter, strategy), evaluate the base
+model, then per round train -> aggregate -> save the global adapter -> evaluate, and
+finally write the summary. The loop is Flower's ``Strategy.start`` spelled out, so that
+round 0 is a federated evaluation of the base model and every client's outcome lands in
+``metrics.jsonl`` as it happens.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from logging import INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedtune import config as config_mod
+from fedtune.errors import FedtuneError
+from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
+from fedtune.report import write_summary
+from fedtune.runfolder import (
+    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, update_run_file, write_json,
+)
+from fedtune.strategy import AdapterFedAvg
+
+
+def initial_adapter(cfg: config_mod.Config, model_path: str) -> dict[str, torch.Tensor]:
+    """Fresh LoRA weights (A random from run.seed, B zero): the base model's behaviour."""
+    base = load_base_model(model_path, torch.device("cpu"))
+    state = get_adapter_state(add_lora(base, cfg, seed=cfg.run.seed))
+    del base
+    return state
+
+
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (have := len(list(grid.get_node_ids()))) < wanted:
+        if time.monotonic() > deadline:
+            raise FedtuneError(
+                f"only {have} of {wanted} clients connected within {timeout:.0f} s; start more clients, "
+                f"or for `flwr run` pass --federation-config 'num-supernodes={wanted}'"
+            )
+        time.sleep(1.0)
+
+
+def main(grid: Grid, context: Context) -> None:
+    """The ServerApp's main: one federated run, recorded in its run folder."""
+    cfg = config_mod.from_flat(dict(context.run_config))
+    run_dir = run_dir_for(cfg, context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
+    update_run_file(run_dir, status="running", flwr_run_id=str(context.run_id), started=now(),
+                    mode=cfg.federation.mode, dp=cfg.privacy.dp)
+    try:
+        run(grid, cfg, run_dir)
+    except BaseException as exc:
+        update_run_file(run_dir, status="failed", finished=now(), error=f"{type(exc).__name__}: {exc}",
+                        traceback=traceback.format_exc())
+        raise
+    update_run_file(run_dir, status="completed", finished=now())
+    write_summary(run_dir)
+
+
+def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
+    random.seed(cfg.run.seed)  # which clients are sampled each round
+    rounds = cfg.federation.rounds
+    metrics_file = run_dir / "metrics.jsonl"
+
+    def progress(round_: int, phase: str) -> None:
+        write_json(run_dir / "progress.json", {"round": round_, "rounds": rounds, "phase": phase, "time": now()})
+
+    progress(0, "setup")
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    initial = initial_adapter(cfg, model_path)
+    update_run_file(run_dir, model_path=model_path, adapter_parameters=sum(v.numel() for v in initial.values()))
+    strategy = AdapterFedAvg(
+        num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
+        template={k: tuple(v.shape) for k, v in initial.items()}, local=cfg.federation.mode == "local",
+    )
+    wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
+    timeout = cfg.federation.round_timeout
+    arrays = ArrayRecord(initial)
+
+    def evaluate(round_: int) -> dict | None:
+        progress(round_, "evaluate")
+        replies = grid.send_and_receive(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid), timeout=timeout)
+        pooled = strategy.aggregate_evaluate(round_, replies)
+        for o in strategy.outcomes:
+            append_jsonl(metrics_file, {"round": round_, "phase": "evaluate", "client": o.client, "node": o.node,
+                                        "status": o.status, "reason": o.reason, **o.metrics})
+        return dict(pooled) if pooled is not None else None
+
+    base_eval = evaluate(0)
+    append_jsonl(metrics_file, {"round": 0, "phase": "round", "time": now(), **(base_eval or {})})
+    log(INFO, "fedtune: base model held-out perplexity %s", f"{base_eval['perplexity']:.3f}" if base_eval else "n/a")
+
+    for round_ in range(1, rounds + 1):
+        t0 = time.perf_counter()
+        progress(round_, "train")
+        log(INFO, "fedtune: round %d/%d", round_, rounds)
+        messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
+        new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+        outcomes = list(strategy.outcomes)
+        for o in outcomes:
+            append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
+                                        "status": o.status, "reason": o.reason, **o.metrics})
+        if new_arrays is not None:
+            arrays = new_arrays
+            save_adapter(adapter_dir(run_dir, f"round-{round_:03d}"), arrays.to_torch_state_dict(), cfg, model_path)
+        pooled = evaluate(round_)
+        counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
+        append_jsonl(metrics_file, {"round": round_, "phase": "round", "time": now(), "seconds": time.perf_counter() - t0,
+                                    "trained": counts["ok"], "refused": counts["refused"], "failed": counts["failed"],
+                                    "rejected": counts["rejected"], **(pooled or {})})
+        if counts["ok"] == 0 and counts["refused"] == len(outcomes) and outcomes:
+            log(INFO, "fedtune: every client refused (privacy budgets spent); stopping after round %d", round_)
+            break
+
+    if strategy.local:  # the local-only baseline: each client's own adapter
+        for node, own in strategy.local_arrays.items():
+            save_adapter(adapter_dir(run_dir, f"local-{strategy.names[node]}"), own.to_torch_state_dict(), cfg, model_path)
+    else:
+        save_adapter(adapter_dir(run_dir, "global"), arrays.to_torch_state_dict(), cfg, model_path)
+    progress(rounds, "done")

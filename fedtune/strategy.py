@@ -1,0 +1,156 @@
+"""The server's Message-API strategy: FedAvg over LoRA adapters.
+
+Flower's FedAvg does the sampling and the example-weighted average; this subclass adds
+what adapters from privacy-bound clients need: budget refusals are told apart from
+failures, malformed updates (wrong keys or shapes, NaN, absurd values, bad weights) are
+rejected with the client named, and every client's outcome is recorded. In ``local``
+mode (the local-only baseline) nothing is averaged: each client keeps its own adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+MAX_ABS_VALUE = 1e4  # larger adapter weights are a broken or hostile update, not training
+
+
+@dataclass
+class Outcome:
+    """What one client did in one phase of a round."""
+
+    node: int
+    client: str
+    status: str  # ok | refused | failed | rejected
+    metrics: dict = field(default_factory=dict)
+    reason: str = ""
+
+
+def _client_name(msg: Message) -> str:
+    if not msg.has_error() and "client" in msg.content.config_records:
+        return str(msg.content["client"].get("name", f"node-{msg.metadata.src_node_id}"))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def check_update(content: RecordDict, template: dict[str, tuple[int, ...]]) -> str:
+    """'' if ``content`` is a well-formed adapter update, else what is wrong with it."""
+    if list(content.array_records) != ["arrays"]:
+        return f"expected one ArrayRecord 'arrays', got {list(content.array_records)}"
+    arrays = content["arrays"]
+    if set(arrays) != set(template):
+        missing, extra = sorted(set(template) - set(arrays)), sorted(set(arrays) - set(template))
+        return f"adapter keys differ (missing {missing[:2]}, unexpected {extra[:2]})"
+    for key, shape in template.items():
+        value = arrays[key].numpy()
+        if tuple(value.shape) != shape:
+            return f"{key} has shape {tuple(value.shape)}, expected {shape}"
+        if value.dtype.kind != "f":
+            return f"{key} has dtype {value.dtype}, expected floating point"
+        if not np.isfinite(value).all():
+            return f"{key} contains NaN or infinite values"
+        if np.abs(value).max(initial=0.0) > MAX_ABS_VALUE:
+            return f"{key} has values beyond ±{MAX_ABS_VALUE:g}"
+    metrics = content.metric_records.get("metrics")
+    weight = metrics.get("num-examples") if metrics is not None else None
+    if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+        return f"num-examples must be a positive number (got {weight!r})"
+    return ""
+
+
+class AdapterFedAvg(FedAvg):
+    def __init__(self, *, num_clients: int, clients_per_round: int, template: dict[str, tuple[int, ...]], local: bool = False):
+        super().__init__(
+            fraction_train=clients_per_round / num_clients, fraction_evaluate=1.0,
+            min_train_nodes=clients_per_round, min_evaluate_nodes=num_clients, min_available_nodes=num_clients,
+        )
+        self.template = template
+        self.local = local
+        self.local_arrays: dict[int, ArrayRecord] = {}  # local mode: each node's own adapter
+        self.outcomes: list[Outcome] = []  # of the last aggregate_* call
+        self.names: dict[int, str] = {}  # node id -> client name, as clients report it
+
+    # ---- local-only baseline: every node gets its own adapter back --------------------
+    def _personal(self, messages: Iterable[Message], message_type: str) -> list[Message]:
+        out = []
+        for m in messages:
+            arrays = self.local_arrays.get(m.metadata.dst_node_id, m.content["arrays"])
+            content = RecordDict({"arrays": arrays, "config": m.content["config"]})
+            out.append(Message(content=content, message_type=message_type, dst_node_id=m.metadata.dst_node_id))
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)
+        return self._personal(messages, MessageType.TRAIN) if self.local else messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)
+        return self._personal(messages, MessageType.EVALUATE) if self.local else messages
+
+    # ---- aggregation ---------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.outcomes, accepted = [], []
+        for msg in replies:
+            node, name = msg.metadata.src_node_id, _client_name(msg)
+            if not msg.has_error():
+                self.names[node] = name
+            if msg.has_error():
+                self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
+                continue
+            metrics = dict(msg.content.metric_records.get("metrics", {}))
+            if metrics.get("refused"):
+                reason = str(msg.content["client"].get("reason", "refused"))
+                self.outcomes.append(Outcome(node, name, "refused", metrics, reason))
+                log(INFO, "%s refused round %d: %s", name, server_round, reason)
+                continue
+            problem = check_update(msg.content, self.template)
+            if problem:
+                self.outcomes.append(Outcome(node, name, "rejected", metrics, problem))
+                log(WARNING, "rejected the update of %s in round %d: %s", name, server_round, problem)
+                continue
+            self.outcomes.append(Outcome(node, name, "ok", metrics))
+            accepted.append(msg)
+        for o in self.outcomes:
+            if o.status == "failed":
+                log(WARNING, "%s failed in round %d: %s", o.client, server_round, o.reason)
+        if not accepted:
+            return None, None
+        if self.local:
+            for msg in accepted:
+                self.local_arrays[msg.metadata.src_node_id] = msg.content["arrays"]
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        self.outcomes = []
+        for msg in replies:
+            node, name = msg.metadata.src_node_id, _client_name(msg)
+            if not msg.has_error():
+                self.names[node] = name
+            if msg.has_error():
+                self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
+                log(WARNING, "%s failed to evaluate in round %d: %s", name, server_round, self.outcomes[-1].reason)
+            else:
+                self.outcomes.append(Outcome(node, name, "ok", dict(msg.content["metrics"])))
+        ok = [o.metrics for o in self.outcomes if o.status == "ok"]
+        tokens = sum(m["eval-tokens"] for m in ok)
+        if not tokens:
+            return None
+        loss = sum(m["eval-loss-sum"] for m in ok) / tokens
+        return MetricRecord({"eval-loss": loss, "perplexity": math.exp(min(loss, 50.0)), "eval-tokens": tokens})
+
+
+def _first_line(text: str | None) -> str:
+    """Flower wraps client exceptions in long tracebacks; keep the meaningful line."""
+    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Message:" in ln:
+            return ln.split("Message:", 1)[1].strip()[:300]
+    return (lines[-1] if lines else "unknown error")[:300]

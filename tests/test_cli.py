@@ -1,0 +1,58 @@
+"""The `fedtune` command on bad input: one line naming the problem and the fix, exit
+code 2, no traceback, and nothing written to the output folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "simulations" / "tiny.toml")
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def _files(tmp_path, rows: str, name: str):
+    path = tmp_path / name
+    path.write_text(rows)
+    return str(path)
+
+
+CASES = {
+    "malformed config": (lambda t: [_files(t, "[train\nbatch_size = 8", "bad.toml")], "not valid TOML"),
+    "unknown key": (lambda t: [TINY, "--set", "privacy.epsion=3"], "did you mean 'privacy.epsilon'"),
+    "unknown model folder": (lambda t: [TINY, "--model", "./no-such-model"], "model folder ./no-such-model not found"),
+    "unknown hub model": (lambda t: [TINY, "--model", "no-org/no-such-model"], "cannot load model 'no-org/no-such-model'"),
+    "data without fields": (lambda t: [TINY, "--data", _files(t, '{"body": "x"}\n' * 20, "d.jsonl")], "needs 'text'"),
+    "missing data file": (lambda t: [TINY, "--data", str(t / "nope.csv")], "not found"),
+    "empty partition": (lambda t: [TINY, "--clients", "500"], "records cannot fill 500 clients"),
+    "epsilon out of range": (lambda t: [TINY, "--epsilon", "-1"], "privacy.epsilon must be a finite number > 0"),
+    "delta out of range": (lambda t: [TINY, "--set", "privacy.delta=2"], "privacy.delta must be in (0, 1)"),
+    "prompts longer than max_length": (lambda t: [TINY, "--set", "model.max_length=16"], "raise model.max_length"),
+    "no GPU": (lambda t: [TINY, "--set", "model.device=cuda"], "no CUDA GPU is visible"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
+    make_args, message = CASES[case]
+    if case == "no GPU":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible here")
+    out = tmp_path / "runs"
+    res = run_cli("simulate", *make_args(tmp_path), "--output", str(out))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("fedtune:")]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+    assert not out.exists() or not any(out.iterdir())  # no run folder, not even an empty one

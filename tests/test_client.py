@@ -1,0 +1,94 @@
+"""The ClientApp's logic, driven with real Flower messages (no engine)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedtune import config
+from fedtune.client import handle_evaluate, handle_train
+from fedtune.privacy import Ledger, epsilon, epsilon_independent, make_plan
+from fedtune.runfolder import ledger_path
+from fedtune.server import initial_adapter
+from tests.conftest import tiny_config
+
+
+def _context(cfg, index=0):
+    return Context(run_id=7, node_id=100 + index, node_config={"partition-id": index, "num-partitions": cfg.num_clients},
+                   state=RecordDict(), run_config=config.to_flat(cfg))
+
+
+def _message(arrays, server_round, kind=MessageType.TRAIN):
+    return Message(RecordDict({"arrays": ArrayRecord(arrays), "config": ConfigRecord({"server-round": server_round})}),
+                   dst_node_id=100, message_type=kind)
+
+
+@pytest.fixture
+def initial(tiny_path):
+    return initial_adapter(tiny_config(), tiny_path)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_budget_that_lasts_k_rounds_gives_exactly_k_rounds(tmp_path, task_identity, initial, k):
+    cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
+    ctx = _context(cfg)
+    # The ε after k and k+1 rounds of this client's plan; a budget in between lasts k rounds.
+    from fedtune.client import setup
+
+    plan = make_plan(cfg, len(setup(ctx).train))
+    eps = [epsilon([plan.round_history] * r, plan.delta) for r in (k, k + 1)]
+    cfg = cfg.replace(privacy={"budget": (eps[0] + eps[1]) / 2})
+    ctx = _context(cfg)
+    replies = [handle_train(_message(initial, r), ctx) for r in range(1, 5)]
+    trained = [not m.has_error() and m.content["metrics"]["refused"] == 0 for m in replies]
+    assert trained == [True] * k + [False] * (4 - k)
+    for m in replies[k:]:
+        assert "arrays" not in m.content.array_records  # a refusal sends no update
+        assert "budget" in m.content["client"]["reason"]
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    types = [e["type"] for e in ledger.entries()]
+    assert types == ["plan"] + ["spend"] * k + ["refusal"] * (4 - k)
+    spent = ledger.spends()[-1]["epsilon"]
+    assert spent <= cfg.budget
+    assert replies[k - 1].content["metrics"]["epsilon"] == pytest.approx(spent)
+    # The ledger's ε is what an independent accountant computes from the raw parameters.
+    assert spent == pytest.approx(epsilon_independent(ledger.history(), plan.delta), rel=1e-3)
+
+
+def test_spend_is_on_disk_before_the_reply_and_the_update_changed(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)})
+    reply = handle_train(_message(initial, 1), _context(cfg))
+    spends = Ledger(ledger_path(tmp_path, "client-0")).spends()
+    assert len(spends) == 1 and spends[0]["round"] == 1
+    new = reply.content["arrays"].to_numpy_ndarrays()
+    assert any(not np.array_equal(a, initial[k].numpy()) for a, k in zip(new, initial))
+    assert math.isfinite(reply.content["metrics"]["train-loss"])
+
+
+def test_a_malformed_global_adapter_is_rejected_without_spending(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)})
+    bad = dict(initial)
+    key = next(iter(bad))
+    bad[key] = bad[key][:1]  # wrong shape
+    reply = handle_train(_message(bad, 1), _context(cfg))
+    assert reply.has_error() and "shape" in reply.error.reason
+    assert Ledger(ledger_path(tmp_path, "client-0")).spends() == []
+
+
+def test_evaluate_reports_held_out_loss(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)})
+    reply = handle_evaluate(_message(initial, 0, MessageType.EVALUATE), _context(cfg, 1))
+    m = reply.content["metrics"]
+    assert m["eval-tokens"] > 0 and m["perplexity"] == pytest.approx(math.exp(m["eval-loss-sum"] / m["eval-tokens"]))
+
+
+def test_a_client_with_a_damaged_ledger_will_not_train(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)})
+    handle_train(_message(initial, 1), _context(cfg))
+    path = ledger_path(tmp_path, "client-0")
+    path.write_text(path.read_text().replace('"round": 1', '"round": 9'))
+    reply = handle_train(_message(initial, 2), _context(cfg))
+    assert reply.has_error() and "ledger.jsonl:2" in reply.error.reason

@@ -1,0 +1,61 @@
+"""The config: one schema for TOML files, Flower's run config and CLI overrides."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+
+from fedtune import config
+from fedtune.errors import FedtuneError
+from tests.conftest import ROOT
+
+
+def test_defaults_are_the_same_everywhere():
+    """dataclass defaults == simulations/default.toml == pyproject's Flower run config."""
+    assert config.load(ROOT / "simulations" / "default.toml") == config.Config()
+    flower = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config.flatten_toml(flower, "pyproject.toml") == config.to_flat(config.Config())
+
+
+def test_round_trip_through_flowers_flat_run_config():
+    cfg = config.load(None, {"privacy.epsilon": 3, "lora.target_modules": ["q_proj", "k_proj"]})
+    assert config.from_flat(config.to_flat(cfg)) == cfg
+    assert cfg.target_modules == ["q_proj", "k_proj"]
+    assert tomllib.loads(config.dump_toml(cfg))["privacy"]["epsilon"] == 3.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"privacy.epsion": 3}, "did you mean 'privacy.epsilon'"),
+    ({"privacy.epsilon": "abc"}, "privacy.epsilon must be a number"),
+    ({"privacy.epsilon": -1}, "privacy.epsilon must be a finite number > 0"),
+    ({"privacy.delta": 1.5}, "privacy.delta must be in"),
+    ({"federation.clients": 0}, "federation.clients must be >= 1"),
+    ({"federation.rounds": True}, "must be a whole number"),
+    ({"data.partition": "random"}, "data.partition must be one of"),
+    ({"model.device": "tpu"}, "model.device must be"),
+    ({"model.name": ""}, "model.name is empty"),
+    ({"train.local_epochs": 0}, "train.local_epochs must be > 0"),
+])
+def test_bad_values_name_the_key_and_the_fix(overrides, message):
+    with pytest.raises(FedtuneError, match=message):
+        config.load(None, overrides)
+
+
+def test_bad_files(tmp_path):
+    (tmp_path / "a.toml").write_text("[privacy\nepsilon = 3")
+    with pytest.raises(FedtuneError, match="not valid TOML"):
+        config.load(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text("[privcy]\nepsilon = 3")
+    with pytest.raises(FedtuneError, match=r"unknown section \[privcy\] \(did you mean \[privacy\]"):
+        config.load(tmp_path / "b.toml")
+    with pytest.raises(FedtuneError, match="not found"):
+        config.load(tmp_path / "missing.toml")
+
+
+def test_set_values_parse_as_toml():
+    assert config.parse_assignment("privacy.epsilon=3") == ("privacy.epsilon", 3)
+    assert config.parse_assignment("model.name=tiny-random-llama") == ("model.name", "tiny-random-llama")
+    assert config.parse_assignment("privacy.dp=false") == ("privacy.dp", False)
+    with pytest.raises(FedtuneError):
+        config.parse_assignment("nothing")
