@@ -119,12 +119,15 @@ def make_follower(quiet: bool):
                         st = _read(status_file)
                         name = status_file.parent.name
                         if name not in clients:
-                            clients[name] = bar.add_task(f"  {name}", total=1, info="")
-                        if st.get("round") == r and phase == "train":
-                            bar.update(clients[name], total=st["steps"], completed=st["step"],
-                                       info=f"step {st['step']}/{st['steps']}")
-                        elif st.get("round") == r:
-                            bar.update(clients[name], info="trained")
+                            clients[name] = bar.add_task(f"  {name}", total=1, info="", start=False)
+                        if st.get("round") != r:
+                            continue
+                        steps = max(1, st.get("steps", 1))
+                        if phase == "train":
+                            bar.update(clients[name], total=steps, completed=st.get("step", 0),
+                                       info=f"round {r}: step {st.get('step', 0)}/{steps}")
+                        else:
+                            bar.update(clients[name], total=steps, completed=steps, info=f"round {r}: trained")
                 time.sleep(1.0)
             bar.update(overall, completed=total)
 
@@ -138,9 +141,17 @@ def cmd_simulate(args) -> int:
 
     cfg = config_mod.load(args.config, _overrides(args))
     baselines = _baselines(args.baselines)
-    run_dir = simulate(cfg, baselines, make_follower(args.quiet))
+    run_dir = simulate(cfg, baselines, make_follower(args.quiet), None if args.quiet else _announce)
     _print_result(run_dir)
     return 0
+
+
+def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:
+    p = cfg.privacy
+    dp = f"DP-SGD ε={p.epsilon:g} δ={p.delta:g} ({p.accountant})" if p.dp else "no DP"
+    clients = ", ".join(f"{name} {tr}/{ho}" for name, (tr, ho) in sizes.items())
+    print(f"fedtune: {cfg.federation.mode}, {cfg.federation.rounds} round(s), {cfg.model.name}, {dp}", file=sys.stderr)
+    print(f"fedtune: train/held-out records: {clients}", file=sys.stderr)
 
 
 def _print_result(run_dir: Path) -> None:

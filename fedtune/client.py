@@ -11,7 +11,9 @@ worker (a Ray actor serving many clients) loads the model once, not once per rou
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedtune import config as config_mod
-from fedtune.data import TokenizedData, client_data, client_name, tokenize
+from fedtune.data import TokenizedData, client_examples, client_name
 from fedtune.errors import FedtuneError
 from fedtune.model import (
     add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
@@ -64,12 +66,14 @@ def config_from_context(context: Context) -> config_mod.Config:
     return config_mod.from_flat(dict(context.run_config))
 
 
-def _model(cfg: config_mod.Config, simulated: bool) -> _Model:
+def _model(cfg: config_mod.Config) -> _Model:
     key = (cfg.model, cfg.lora, cfg.run.seed)
     if key not in _MODELS:
         _MODELS.clear()  # one base model per process
-        threads = cfg.train.threads or (cfg.simulation.client_cpus if simulated else 0)
-        if threads:  # a simulated client uses its CPU share; a deployed one, the machine
+        # train.threads, else the cores Ray gave this simulated client (it sets OMP_NUM_THREADS),
+        # else torch's default (all cores of a deployed client's machine).
+        threads = cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+        if threads > 0:
             torch.set_num_threads(threads)
         device = resolve_device(cfg.model.device)
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
@@ -88,20 +92,10 @@ def setup(context: Context) -> ClientSetup:
             f"the federation has {partitions} simulated clients but the config wants {cfg.num_clients}; "
             f"pass --federation-config 'num-supernodes={cfg.num_clients}' or set federation.clients"
         )
-    m = _model(cfg, simulated=partitions is not None)
+    m = _model(cfg)
     key = (cfg.data, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length, m.path, index)
     if key not in _DATA:
-        train_records, heldout_records = client_data(cfg, index)
-        train = tokenize(train_records, m.tokenizer, cfg.model.max_length)
-        heldout = tokenize(heldout_records, m.tokenizer, cfg.model.max_length)
-        if cfg.data.max_eval_examples:
-            heldout = TokenizedData(heldout.ids[: cfg.data.max_eval_examples], heldout.starts[: cfg.data.max_eval_examples])
-        if len(train) == 0 or len(heldout) == 0:
-            raise FedtuneError(
-                f"{client_name(cfg, index)} has no usable training or held-out example after tokenization "
-                f"(prompts longer than model.max_length={cfg.model.max_length}?); raise model.max_length"
-            )
-        _DATA[key] = (train, heldout)
+        _DATA[key] = client_examples(cfg, index, m.tokenizer)
     train, heldout = _DATA[key]
     return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir_for(cfg, context.run_id))
 
@@ -215,6 +209,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         set_adapter_state(s.m.model, msg.content["arrays"].to_torch_state_dict())
     except (FedtuneError, KeyError, ValueError) as exc:
         return _error_reply(msg, "client evaluate", exc)
+    t0 = time.perf_counter()
     loss_sum, tokens = evaluate(
         s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
         amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
@@ -223,7 +218,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({
         "metrics": MetricRecord({
             "num-examples": len(s.heldout), "eval-loss-sum": loss_sum, "eval-tokens": tokens,
-            "eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+            "eval-loss": mean, "perplexity": math.exp(min(mean, 50.0)), "eval-seconds": time.perf_counter() - t0,
         }),
         "client": ConfigRecord({"name": s.name}),
     }), reply_to=msg)

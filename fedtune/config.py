@@ -62,12 +62,12 @@ class DataSection:
 class TrainSection:
     local_epochs: float = 0.5  # passes over the client's data per round
     local_steps: int = 0  # > 0 overrides local_epochs
-    batch_size: int = 8  # expected batch size (Poisson sampling under DP)
+    batch_size: int = 16  # expected batch size (Poisson sampling under DP)
     physical_batch_size: int = 0  # split batches to save memory; 0 = no split
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 16
-    threads: int = 0  # torch threads per client; 0 = its CPU share
+    threads: int = 0  # torch threads per client; 0 = its CPU share (simulation) or all cores
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ class FederationSection:
 
 @dataclass(frozen=True)
 class SimulationSection:
-    client_cpus: int = 1  # CPU cores reserved per simulated client
+    client_cpus: int = 1  # CPU cores per simulated client, at least (idle cores are shared out)
     client_gpus: float = -1.0  # GPU share per client; -1 = auto (share all GPUs)
     total_cpus: int = 0  # cores for the simulation; 0 = all
 

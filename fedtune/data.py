@@ -189,9 +189,24 @@ def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
         d.source, (d.text_field, d.prompt_field, d.completion_field), d.partition, d.partition_by,
         d.dirichlet_alpha, cfg.run.seed, cfg.federation.clients, d.eval_fraction,
     )
-    if cfg.federation.mode == "centralized":
+    cap = d.max_eval_examples
+    splits = [(tr, ho.select(range(min(cap, len(ho)))) if cap else ho) for tr, ho in splits]
+    if cfg.federation.mode == "centralized":  # the same held-out records as the federation's clients
         return (concatenate_datasets([s[0] for s in splits]), concatenate_datasets([s[1] for s in splits]))
     return splits[client_index]
+
+
+def client_examples(cfg, client_index: int, tokenizer) -> tuple["TokenizedData", "TokenizedData"]:
+    """A client's (train, held-out) examples, tokenized; FedtuneError if either is empty."""
+    train_records, heldout_records = client_data(cfg, client_index)
+    train = tokenize(train_records, tokenizer, cfg.model.max_length)
+    heldout = tokenize(heldout_records, tokenizer, cfg.model.max_length)
+    if len(train) == 0 or len(heldout) == 0:
+        raise FedtuneError(
+            f"{client_name(cfg, client_index)} keeps no training or held-out example after tokenization "
+            f"(prompts longer than model.max_length={cfg.model.max_length}); raise model.max_length"
+        )
+    return train, heldout
 
 
 def client_name(cfg, client_index: int) -> str:

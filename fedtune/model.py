@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -143,9 +144,17 @@ def _build_tiny_llama(out: Path) -> None:
 
 
 # ---- loading ----------------------------------------------------------------------
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -159,6 +168,7 @@ def load_base_model(path: str, device: torch.device):
     """The frozen base model in fp32 on ``device`` (mixed precision is autocast)."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -189,7 +199,8 @@ def add_lora(base, cfg, seed: int):
     """Wrap ``base`` with fresh LoRA adapters (A random from ``seed``, B zero)."""
     from peft import get_peft_model
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations peft triggers
         torch.manual_seed(seed)
         try:
             model = get_peft_model(base, lora_config(cfg))

@@ -129,6 +129,19 @@ def is_run_dir(path: str | Path) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
+def versions() -> dict[str, str]:
+    """Versions of the packages a run's numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("fedtune", "flwr", "torch", "transformers", "peft", "opacus", "dp-accounting"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
 def update_run_file(run_dir: str | Path, **fields: Any) -> dict:
     """Merge ``fields`` into run.json (atomically)."""
     path = Path(run_dir) / RUN_FILE

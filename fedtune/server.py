@@ -25,7 +25,7 @@ from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
-    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, update_run_file, write_json,
+    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, update_run_file, versions, write_json,
 )
 from fedtune.strategy import AdapterFedAvg
 
@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
     update_run_file(run_dir, status="running", flwr_run_id=str(context.run_id), started=now(),
-                    mode=cfg.federation.mode, dp=cfg.privacy.dp)
+                    mode=cfg.federation.mode, dp=cfg.privacy.dp, versions=versions())
     try:
         run(grid, cfg, run_dir)
     except BaseException as exc:
@@ -89,16 +89,17 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
 
     def evaluate(round_: int) -> dict | None:
         progress(round_, "evaluate")
+        t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid), timeout=timeout)
         pooled = strategy.aggregate_evaluate(round_, replies)
         for o in strategy.outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "evaluate", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, **o.metrics})
-        return dict(pooled) if pooled is not None else None
+        return {**(dict(pooled) if pooled is not None else {}), "evaluate-seconds": time.perf_counter() - t0}
 
     base_eval = evaluate(0)
-    append_jsonl(metrics_file, {"round": 0, "phase": "round", "time": now(), **(base_eval or {})})
-    log(INFO, "fedtune: base model held-out perplexity %s", f"{base_eval['perplexity']:.3f}" if base_eval else "n/a")
+    append_jsonl(metrics_file, {"round": 0, "phase": "round", "time": now(), **base_eval})
+    log(INFO, "fedtune: base model held-out perplexity %s", base_eval.get("perplexity", "n/a"))
 
     for round_ in range(1, rounds + 1):
         t0 = time.perf_counter()
@@ -106,6 +107,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         log(INFO, "fedtune: round %d/%d", round_, rounds)
         messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
         new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+        train_seconds = time.perf_counter() - t0
         outcomes = list(strategy.outcomes)
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
@@ -116,8 +118,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         pooled = evaluate(round_)
         counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
         append_jsonl(metrics_file, {"round": round_, "phase": "round", "time": now(), "seconds": time.perf_counter() - t0,
-                                    "trained": counts["ok"], "refused": counts["refused"], "failed": counts["failed"],
-                                    "rejected": counts["rejected"], **(pooled or {})})
+                                    "train-seconds": train_seconds, "trained": counts["ok"], "refused": counts["refused"],
+                                    "failed": counts["failed"], "rejected": counts["rejected"], **pooled})
         if counts["ok"] == 0 and counts["refused"] == len(outcomes) and outcomes:
             log(INFO, "fedtune: every client refused (privacy budgets spent); stopping after round %d", round_)
             break

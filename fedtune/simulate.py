@@ -48,26 +48,22 @@ def app_dir() -> Path:
 
 
 # ---- checks before anything starts ------------------------------------------------------
-def preflight(cfg: config_mod.Config) -> dict:
-    """Fail fast on a bad model, data or device; returns facts for the progress display."""
-    from fedtune.data import client_data, client_name, tokenize
-    from fedtune.model import load_tokenizer, resolve_device, resolve_model
+def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
+    """Fail fast on a bad model, data or device; returns each client's (train, held-out) size."""
+    import torch
+
+    from fedtune.data import client_examples, client_name
+    from fedtune.model import add_lora, load_base_model, load_tokenizer, resolve_device, resolve_model
 
     resolve_device(cfg.model.device)
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tokenizer = load_tokenizer(path)
+    add_lora(load_base_model(path, torch.device("cpu")), cfg, seed=cfg.run.seed)  # weights and LoRA targets load
     sizes = {}
     for index in range(cfg.num_clients):
-        train, heldout = client_data(cfg, index)
-        kept = len(tokenize(train, tokenizer, cfg.model.max_length))
-        kept_eval = len(tokenize(heldout, tokenizer, cfg.model.max_length))
-        if kept == 0 or kept_eval == 0:
-            raise FedtuneError(
-                f"{client_name(cfg, index)} keeps no example after tokenization (prompts longer than "
-                f"model.max_length={cfg.model.max_length}); raise model.max_length"
-            )
-        sizes[client_name(cfg, index)] = (kept, kept_eval)
-    return {"model_path": path, "clients": sizes}
+        train, heldout = client_examples(cfg, index, tokenizer)
+        sizes[client_name(cfg, index)] = (len(train), len(heldout))
+    return sizes
 
 
 def simulation_resources(cfg: config_mod.Config) -> dict[str, object]:
@@ -75,7 +71,8 @@ def simulation_resources(cfg: config_mod.Config) -> dict[str, object]:
     import torch
 
     total = cfg.simulation.total_cpus or os.cpu_count() or 1
-    per_client = min(cfg.simulation.client_cpus, total)
+    # At least client_cpus each; cores that would sit idle (fewer clients than cores) are shared out.
+    per_client = min(total, max(cfg.simulation.client_cpus, total // cfg.num_clients))
     gpus = cfg.simulation.client_gpus
     if gpus < 0:  # auto: share every visible GPU among the clients that run at once
         n_gpus = torch.cuda.device_count() if cfg.model.device != "cpu" else 0
@@ -238,6 +235,9 @@ def run_simulation(cfg: config_mod.Config, run_dir: Path, link: LocalSuperLink, 
     logs = link.stream_logs(run_id, run_dir / "flower.log")
     try:
         show(run_dir, cfg, logs)  # returns when the log stream ends (the run finished)
+    except KeyboardInterrupt:
+        update_run_file(run_dir, status="interrupted")
+        raise
     finally:
         if logs.poll() is None:
             logs.terminate()
@@ -267,13 +267,19 @@ def variant(cfg: config_mod.Config, baseline: str) -> config_mod.Config:
     return cfg.replace(**change, run={"name": f"{cfg.run.name}-{baseline}"})
 
 
-def simulate(cfg: config_mod.Config, baselines: list[str], show) -> Path:
-    """Run the configured simulation (then each baseline); returns its run folder."""
+def simulate(cfg: config_mod.Config, baselines: list[str], show, announce=None) -> Path:
+    """Run the configured simulation (then each baseline); returns its run folder.
+
+    ``show(run_dir, cfg, log_process)`` follows a run; ``announce(cfg, sizes)`` hears the
+    checked plan before anything starts."""
     from fedtune.report import write_summary
 
     app_dir()
-    for c in [cfg] + [variant(cfg, b) for b in baselines]:
-        preflight(c)
+    sizes = preflight(cfg)
+    for b in baselines:
+        preflight(variant(cfg, b))
+    if announce is not None:
+        announce(cfg, sizes)
     run_dir = new_run_dir(cfg.run.output, cfg.run.name)
     with LocalSuperLink(run_dir / ".flower", run_dir, run_dir / "superlink.log") as link:
         main = run_simulation(cfg, run_dir, link, show)

@@ -56,3 +56,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, case):
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not out.exists() or not any(out.iterdir())  # no run folder, not even an empty one
+
+
+def test_a_run_that_fails_is_reported_and_exits_1(tmp_path, monkeypatch, capsys):
+    """`flwr run` exits 0 on failed runs; fedtune reads the real status instead."""
+    import subprocess as sp
+
+    from fedtune import cli, simulate
+    from fedtune.runfolder import update_run_file
+    from tests.conftest import tiny_config
+
+    class FailingLink:
+        def submit(self, app, run_config, federation):
+            update_run_file(tmp_path, status="failed", error="ValueError: boom in round 1")
+            return "42"
+
+        def stream_logs(self, run_id, path):
+            return sp.Popen(["true"])
+
+        def status(self, run_id):
+            return "finished:failed"
+
+    with pytest.raises(simulate.RunFailed, match="boom in round 1"):
+        simulate.run_simulation(tiny_config(), tmp_path, FailingLink(), show=lambda *a: a[2].wait())
+
+    def failing_simulate(cfg, baselines, show, announce=None):
+        raise simulate.RunFailed("the run did not complete (Flower status finished:failed)")
+
+    monkeypatch.setattr(simulate, "simulate", failing_simulate)
+    assert cli.main(["simulate", TINY]) == 1
+    assert "fedtune: run failed: the run did not complete" in capsys.readouterr().err

@@ -92,3 +92,12 @@ def test_a_client_with_a_damaged_ledger_will_not_train(tmp_path, task_identity, 
     path.write_text(path.read_text().replace('"round": 1', '"round": 9'))
     reply = handle_train(_message(initial, 2), _context(cfg))
     assert reply.has_error() and "ledger.jsonl:2" in reply.error.reason
+
+
+def test_without_dp_the_ledger_says_so_and_nothing_is_refused(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)}, privacy={"dp": False})
+    replies = [handle_train(_message(initial, r), _context(cfg)) for r in (1, 2, 3)]
+    assert all(not m.has_error() and m.content["metrics"]["refused"] == 0 for m in replies)
+    assert math.isinf(replies[-1].content["metrics"]["epsilon"])
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    assert ledger.plan()["dp"] is False and [s["dp"] for s in ledger.spends()] == [False] * 3

@@ -10,7 +10,13 @@ import pytest
 from fedtune.data import client_data, collate, load_records, tokenize
 from fedtune.errors import FedtuneError
 from fedtune.model import load_tokenizer
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config as _tiny
+
+
+def tiny_config(**sections):
+    """The tiny config with every held-out record kept (no max_eval_examples cap)."""
+    data = {"max_eval_examples": 0, **sections.pop("data", {})}
+    return _tiny(data=data, **sections)
 
 
 def test_drug_reviews_split_by_condition_are_disjoint_and_balanced():
@@ -39,6 +45,14 @@ def test_held_out_split_is_deterministic_and_disjoint():
     assert list(ho1["completion"]) == list(ho2["completion"])
     assert not set(tr1["completion"]) & set(ho1["completion"])
     assert len(ho1) == round((len(tr1) + len(ho1)) * cfg.data.eval_fraction)
+
+
+def test_the_evaluation_cap_applies_per_client_and_centralized_pools_the_same_records():
+    cfg = tiny_config(data={"max_eval_examples": 5})
+    per_client = [client_data(cfg, i)[1] for i in range(cfg.federation.clients)]
+    assert [len(h) for h in per_client] == [5] * cfg.federation.clients
+    _, pooled = client_data(cfg.replace(federation={"mode": "centralized"}), 0)
+    assert sorted(pooled["completion"]) == sorted(c for h in per_client for c in h["completion"])
 
 
 def test_centralized_pools_every_clients_records():
