@@ -119,7 +119,7 @@ def measure_memory(mode: str, cfg, threads: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=config_mod.Config().model.name)
-    ap.add_argument("--pairs", type=int, default=6, help="timed step pairs (after one warm-up pair)")
+    ap.add_argument("--pairs", type=int, default=12, help="timed step pairs (after one warm-up pair)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = a default simulated client's share)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--memory", choices=MODES, help=argparse.SUPPRESS)

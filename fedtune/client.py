@@ -197,7 +197,7 @@ def handle_train(msg: Message, context: Context) -> Message:
             "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
             "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
             "sample-rate": plan.sample_rate, "train-seconds": stats.seconds,
-            "upload-bytes": arrays.count_bytes(), "refused": 0,
+            "upload-bytes": arrays.count_bytes(), "threads": torch.get_num_threads(), "refused": 0,
         }),
         "client": ConfigRecord({"name": s.name}),
     }), reply_to=msg)
