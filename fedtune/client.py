@@ -29,7 +29,9 @@ from fedtune.model import (
     resolve_precision, set_adapter_state,
 )
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
-from fedtune.runfolder import client_dir, ledger_path, now, run_dir_for, write_json
+from fedtune.privacy.client_level import clip_update
+from fedtune.privacy.empirical import PLANT_FILE, planted_records
+from fedtune.runfolder import client_dir, ledger_path, now, read_json, run_dir_for, write_json
 from fedtune.train import DPParams, evaluate, train_round
 
 ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
@@ -93,11 +95,23 @@ def setup(context: Context) -> ClientSetup:
             f"pass --federation-config 'num-supernodes={cfg.num_clients}' or set federation.clients"
         )
     m = _model(cfg)
-    key = (cfg.data, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length, m.path, index)
+    run_dir = run_dir_for(cfg, context.run_id)
+    key = (cfg.data, cfg.audit, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length,
+           m.path, index, run_dir)
     if key not in _DATA:
-        _DATA[key] = client_examples(cfg, index, m.tokenizer)
+        _DATA[key] = client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index))
     train, heldout = _DATA[key]
-    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir_for(cfg, context.run_id))
+    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir)
+
+
+def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
+    """This client's share of the audit's planted records (simulation only)."""
+    if not (cfg.audit.canaries or cfg.audit.secrets):
+        return []
+    path = run_dir / PLANT_FILE
+    if not path.is_file():
+        raise FedtuneError(f"{path} is missing: the server plants audit records before round 0; rerun the simulation")
+    return planted_records(read_json(path), index, centralized=cfg.federation.mode == "centralized")
 
 
 def _error_reply(msg: Message, who: str, exc: Exception) -> Message:
@@ -161,7 +175,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         }), reply_to=msg)
 
     try:
-        set_adapter_state(s.m.model, msg.content["arrays"].to_torch_state_dict())
+        global_state = msg.content["arrays"].to_torch_state_dict()
+        set_adapter_state(s.m.model, global_state)
     except (KeyError, ValueError) as exc:
         return _error_reply(msg, s.name, ValueError(f"rejected the global adapter: {exc}"))
 
@@ -184,12 +199,15 @@ def handle_train(msg: Message, context: Context) -> Message:
             physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
         )
     state = get_adapter_state(s.m.model)
+    clip = float(msg.content["config"].get("client-clip-norm", 0.0))
+    if clip > 0:  # client-level DP: the server adds noise calibrated to this bound on our update
+        state = clip_update(state, global_state, clip)
     spent = epsilon(history + [plan.round_history], plan.delta, plan.accountant) if plan.dp else math.inf
     # Durable before the update leaves: a crash after this line never under-reports.
-    ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
-                   "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
-                   "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
-                   "epsilon": spent, "dp": plan.dp, "time": now()})
+    entry = ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
+                           "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+                           "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
+                           "epsilon": spent, "dp": plan.dp, "time": now()})
     arrays = ArrayRecord(state)
     return Message(RecordDict({
         "arrays": arrays,
@@ -199,7 +217,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             "sample-rate": plan.sample_rate, "train-seconds": stats.seconds,
             "upload-bytes": arrays.count_bytes(), "threads": torch.get_num_threads(), "refused": 0,
         }),
-        "client": ConfigRecord({"name": s.name}),
+        # The ledger's head, recorded by the server: a later rewrite of the ledger shows.
+        "client": ConfigRecord({"name": s.name, "ledger-head": entry["hash"]}),
     }), reply_to=msg)
 
 

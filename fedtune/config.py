@@ -83,6 +83,31 @@ class PrivacySection:
 
 
 @dataclass(frozen=True)
+class ClientDPSection:
+    """Client-level DP (DP-FedAvg): protects everything one client holds."""
+
+    enabled: bool = False
+    epsilon: float = 8.0  # target ε over all rounds; the server's noise is calibrated to it
+    delta: float = 1e-3  # keep below 1 / number of clients
+    clip_norm: float = 1.0  # each client's whole update is clipped to this L2 norm
+    sample_rate: float = 1.0  # each client joins a round with this probability (Poisson)
+    accountant: str = "rdp"  # rdp | prv
+    budget: float = 0.0  # ε the server will spend at most; 0 = epsilon
+    noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    """Planted records for the empirical audit (`fedtune audit --empirical`)."""
+
+    canaries: int = 0  # random records, each in training with probability 1/2 (one-run audit)
+    canary_words: int = 12  # random words per canary
+    secrets: int = 0  # Secret-Sharer secrets ("The access code of <name> is <digits>.")
+    secret_digits: int = 4  # digits per secret: 10^digits candidates
+    secret_repeats: int = 4  # copies of each secret in its client's training data
+
+
+@dataclass(frozen=True)
 class FederationSection:
     mode: str = "federated"  # federated | centralized | local
     clients: int = 4
@@ -106,14 +131,21 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    client_dp: ClientDPSection = field(default_factory=ClientDPSection)
     federation: FederationSection = field(default_factory=FederationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
+    audit: AuditSection = field(default_factory=AuditSection)
 
     # ---- derived values -------------------------------------------------------
     @property
     def budget(self) -> float:
         """The ε a client may spend: privacy.budget, or the target ε."""
         return self.privacy.budget or self.privacy.epsilon
+
+    @property
+    def client_budget(self) -> float:
+        """The client-level ε the server may spend: client_dp.budget, or its target ε."""
+        return self.client_dp.budget or self.client_dp.epsilon
 
     @property
     def num_clients(self) -> int:
@@ -146,6 +178,7 @@ CHOICES = {
     "model.precision": ("auto", "fp32", "bf16"),
     "data.partition": ("natural", "iid", "dirichlet"),
     "privacy.accountant": ("rdp", "prv"),
+    "client_dp.accountant": ("rdp", "prv"),
     "federation.mode": ("federated", "centralized", "local"),
 }
 
@@ -327,6 +360,25 @@ def validate(cfg: Config) -> None:
         _check(p.clip_norm > 0 and math.isfinite(p.clip_norm), f"privacy.clip_norm must be > 0 (got {p.clip_norm})")
         _check(p.budget >= 0 and math.isfinite(p.budget), f"privacy.budget must be >= 0 (got {p.budget}); 0 = privacy.epsilon")
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0 (got {p.noise_multiplier}); 0 = calibrate")
+    c = cfg.client_dp
+    if c.enabled:
+        _check(c.epsilon > 0 and math.isfinite(c.epsilon), f"client_dp.epsilon must be a finite number > 0 (got {c.epsilon})")
+        _check(0 < c.delta < 1, f"client_dp.delta must be in (0, 1) (got {c.delta}); keep it below 1/clients")
+        _check(c.clip_norm > 0 and math.isfinite(c.clip_norm), f"client_dp.clip_norm must be > 0 (got {c.clip_norm})")
+        _check(0 < c.sample_rate <= 1, f"client_dp.sample_rate must be in (0, 1] (got {c.sample_rate})")
+        _check(c.budget >= 0 and math.isfinite(c.budget), f"client_dp.budget must be >= 0 (got {c.budget}); 0 = client_dp.epsilon")
+        _check(c.noise_multiplier >= 0, f"client_dp.noise_multiplier must be >= 0 (got {c.noise_multiplier}); 0 = calibrate")
+        _check(cfg.federation.mode == "federated",
+               f"client-level DP needs federation.mode = federated (got {cfg.federation.mode}); turn client_dp off for baselines")
+        _check(cfg.federation.clients_per_round == 0,
+               "under client-level DP clients are sampled by client_dp.sample_rate (Poisson, which the accountant "
+               "credits); set federation.clients_per_round = 0")
+    a = cfg.audit
+    _check(a.canaries >= 0 and a.secrets >= 0, "audit.canaries and audit.secrets must be >= 0")
+    _check(a.canaries == 0 or a.canaries >= 10, f"audit.canaries must be 0 or at least 10 (got {a.canaries})")
+    _check(a.canary_words >= 2, f"audit.canary_words must be >= 2 (got {a.canary_words})")
+    _check(1 <= a.secret_digits <= 6, f"audit.secret_digits must be in 1..6 (got {a.secret_digits})")
+    _check(a.secret_repeats >= 1, f"audit.secret_repeats must be >= 1 (got {a.secret_repeats})")
     f = cfg.federation
     _check(f.clients >= 1, f"federation.clients must be >= 1 (got {f.clients})")
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")

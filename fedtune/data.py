@@ -196,9 +196,15 @@ def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
     return splits[client_index]
 
 
-def client_examples(cfg, client_index: int, tokenizer) -> tuple["TokenizedData", "TokenizedData"]:
-    """A client's (train, held-out) examples, tokenized; FedtuneError if either is empty."""
+def client_examples(cfg, client_index: int, tokenizer, extra_train: list[dict] = ()) -> tuple["TokenizedData", "TokenizedData"]:
+    """A client's (train, held-out) examples, tokenized; FedtuneError if either is empty.
+
+    ``extra_train`` (prompt/completion records, e.g. an audit's canaries) join training only.
+    """
     train_records, heldout_records = client_data(cfg, client_index)
+    if extra_train:
+        train_records = {"prompt": list(train_records["prompt"]) + [r["prompt"] for r in extra_train],
+                         "completion": list(train_records["completion"]) + [r["completion"] for r in extra_train]}
     train = tokenize(train_records, tokenizer, cfg.model.max_length)
     heldout = tokenize(heldout_records, tokenizer, cfg.model.max_length)
     if len(train) == 0 or len(heldout) == 0:

@@ -122,6 +122,11 @@ def ledger_path(run_dir: str | Path, client: str) -> Path:
     return client_dir(run_dir, client) / "ledger.jsonl"
 
 
+def server_ledger_path(run_dir: str | Path) -> Path:
+    """The server's client-level DP ledger."""
+    return Path(run_dir) / "server" / "ledger.jsonl"
+
+
 def adapter_dir(run_dir: str | Path, label: str) -> Path:
     return Path(run_dir) / "adapters" / label
 

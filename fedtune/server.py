@@ -25,9 +25,10 @@ from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
-    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, update_run_file, versions, write_json,
+    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, server_ledger_path, update_run_file, versions,
+    write_json,
 )
-from fedtune.strategy import AdapterFedAvg
+from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg
 
 
 def initial_adapter(cfg: config_mod.Config, model_path: str) -> dict[str, torch.Tensor]:
@@ -67,8 +68,27 @@ def main(grid: Grid, context: Context) -> None:
     write_summary(run_dir)
 
 
+def client_level(cfg: config_mod.Config, run_dir: Path):
+    """The server's client-level DP plan, fixed in its ledger before the first round."""
+    from fedtune.privacy import Ledger, Plan
+    from fedtune.privacy.client_level import COVERS, NOT_COVERED, UNIT, make_server_plan
+
+    ledger = Ledger(server_ledger_path(run_dir))
+    entry = ledger.plan()
+    if entry is not None:
+        return ledger, Plan.from_entry(entry)
+    plan = make_server_plan(cfg)
+    ledger.append({**plan.to_entry(), "client": "server", "mechanism": "DP-FedAvg (Gaussian, Poisson client sampling)",
+                   "unit": UNIT, "covers": COVERS, "not_covered": NOT_COVERED, "time": now()})
+    return ledger, plan
+
+
 def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
-    random.seed(cfg.run.seed)  # which clients are sampled each round
+    from fedtune.privacy import check_round, epsilon
+    from fedtune.privacy.client_level import Sampler
+    from fedtune.privacy.empirical import PLANT_FILE, plant
+
+    random.seed(cfg.run.seed)  # which clients are sampled each round (without client-level DP)
     rounds = cfg.federation.rounds
     metrics_file = run_dir / "metrics.jsonl"
 
@@ -76,18 +96,25 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         write_json(run_dir / "progress.json", {"round": round_, "rounds": rounds, "phase": phase, "time": now()})
 
     progress(0, "setup")
+    if (cfg.audit.canaries or cfg.audit.secrets) and not (run_dir / PLANT_FILE).exists():
+        write_json(run_dir / PLANT_FILE, plant(cfg))  # the auditor's key; clients read their share
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     initial = initial_adapter(cfg, model_path)
     update_run_file(run_dir, model_path=model_path, adapter_parameters=sum(v.numel() for v in initial.values()))
-    strategy = AdapterFedAvg(
-        num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
-        template={k: tuple(v.shape) for k, v in initial.items()}, local=cfg.federation.mode == "local",
-    )
+    template = {k: tuple(v.shape) for k, v in initial.items()}
+    server_ledger = None
+    if cfg.client_dp.enabled:
+        server_ledger, server_plan = client_level(cfg, run_dir)
+        strategy = ClientDPFedAvg(num_clients=cfg.num_clients, template=template, plan=server_plan,
+                                  sampler=Sampler(cfg.privacy.seed if cfg.privacy.seed >= 0 else None))
+    else:
+        strategy = AdapterFedAvg(num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
+                                 template=template, local=cfg.federation.mode == "local")
     wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
     timeout = cfg.federation.round_timeout
     arrays = ArrayRecord(initial)
 
-    def evaluate(round_: int) -> dict | None:
+    def evaluate(round_: int) -> dict:
         progress(round_, "evaluate")
         t0 = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid), timeout=timeout)
@@ -103,6 +130,14 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
 
     for round_ in range(1, rounds + 1):
         t0 = time.perf_counter()
+        if server_ledger is not None:  # client-level budget: the server releases nothing past it
+            decision = check_round(server_ledger.history(), server_plan)
+            if not decision.train:
+                server_ledger.append({"type": "refusal", "round": round_, "epsilon_spent": decision.epsilon_before,
+                                      "epsilon_if_trained": decision.epsilon_after, "budget": server_plan.budget,
+                                      "reason": decision.reason, "time": now()})
+                log(INFO, "fedtune: stopping before round %d: client-level %s", round_, decision.reason)
+                break
         progress(round_, "train")
         log(INFO, "fedtune: round %d/%d", round_, rounds)
         messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
@@ -111,7 +146,15 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         outcomes = list(strategy.outcomes)
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
-                                        "status": o.status, "reason": o.reason, **o.metrics})
+                                        "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
+        if server_ledger is not None:  # recorded before the noisy model is saved or sent
+            history = server_ledger.history() + [server_plan.round_history]
+            server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),
+                                  "accepted": sum(o.status == "ok" for o in outcomes),
+                                  "sample_rate": server_plan.sample_rate, "noise_multiplier": server_plan.noise_multiplier,
+                                  "clip_norm": server_plan.clip_norm, "delta": server_plan.delta,
+                                  "accountant": server_plan.accountant,
+                                  "epsilon": epsilon(history, server_plan.delta, server_plan.accountant), "time": now()})
         if new_arrays is not None:
             arrays = new_arrays
             save_adapter(adapter_dir(run_dir, f"round-{round_:03d}"), arrays.to_torch_state_dict(), cfg, model_path)

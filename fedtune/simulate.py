@@ -59,10 +59,17 @@ def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tokenizer = load_tokenizer(path)
     add_lora(load_base_model(path, torch.device("cpu")), cfg, seed=cfg.run.seed)  # weights and LoRA targets load
+    from fedtune.privacy import check_affordable, make_plan
+    from fedtune.privacy.client_level import make_server_plan
+
     sizes = {}
     for index in range(cfg.num_clients):
         train, heldout = client_examples(cfg, index, tokenizer)
-        sizes[client_name(cfg, index)] = (len(train), len(heldout))
+        name = client_name(cfg, index)
+        sizes[name] = (len(train), len(heldout))
+        check_affordable(make_plan(cfg, len(train)), name, "privacy.budget")
+    if cfg.client_dp.enabled:
+        check_affordable(make_server_plan(cfg), "the federation", "client_dp.budget")
     return sizes
 
 

@@ -15,7 +15,7 @@ from logging import INFO, WARNING
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -32,6 +32,7 @@ class Outcome:
     status: str  # ok | refused | failed | rejected
     metrics: dict = field(default_factory=dict)
     reason: str = ""
+    ledger_head: str = ""  # hash of the client's ledger entry for this round's spend
 
 
 def _client_name(msg: Message) -> str:
@@ -95,15 +96,15 @@ class AdapterFedAvg(FedAvg):
         return self._personal(messages, MessageType.EVALUATE) if self.local else messages
 
     # ---- aggregation ---------------------------------------------------------------
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The well-formed updates among ``replies``; records every client's outcome."""
         self.outcomes, accepted = [], []
         for msg in replies:
             node, name = msg.metadata.src_node_id, _client_name(msg)
-            if not msg.has_error():
-                self.names[node] = name
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
                 continue
+            self.names[node] = name
             metrics = dict(msg.content.metric_records.get("metrics", {}))
             if metrics.get("refused"):
                 reason = str(msg.content["client"].get("reason", "refused"))
@@ -115,11 +116,23 @@ class AdapterFedAvg(FedAvg):
                 self.outcomes.append(Outcome(node, name, "rejected", metrics, problem))
                 log(WARNING, "rejected the update of %s in round %d: %s", name, server_round, problem)
                 continue
-            self.outcomes.append(Outcome(node, name, "ok", metrics))
+            head = str(msg.content["client"].get("ledger-head", "")) if "client" in msg.content.config_records else ""
+            self.outcomes.append(Outcome(node, name, "ok", metrics, ledger_head=head))
             accepted.append(msg)
         for o in self.outcomes:
             if o.status == "failed":
                 log(WARNING, "%s failed in round %d: %s", o.client, server_round, o.reason)
+        return accepted
+
+    def reject(self, msg: Message, server_round: int, problem: str) -> None:
+        """Turn an accepted client's outcome into a rejection."""
+        for o in self.outcomes:
+            if o.node == msg.metadata.src_node_id and o.status == "ok":
+                o.status, o.reason = "rejected", problem
+                log(WARNING, "rejected the update of %s in round %d: %s", o.client, server_round, problem)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.screen(server_round, replies)
         if not accepted:
             return None, None
         if self.local:
@@ -132,12 +145,11 @@ class AdapterFedAvg(FedAvg):
         self.outcomes = []
         for msg in replies:
             node, name = msg.metadata.src_node_id, _client_name(msg)
-            if not msg.has_error():
-                self.names[node] = name
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
                 log(WARNING, "%s failed to evaluate in round %d: %s", name, server_round, self.outcomes[-1].reason)
             else:
+                self.names[node] = name
                 self.outcomes.append(Outcome(node, name, "ok", dict(msg.content["metrics"])))
         ok = [o.metrics for o in self.outcomes if o.status == "ok"]
         tokens = sum(m["eval-tokens"] for m in ok)
@@ -154,3 +166,44 @@ def _first_line(text: str | None) -> str:
         if "Message:" in ln:
             return ln.split("Message:", 1)[1].strip()[:300]
     return (lines[-1] if lines else "unknown error")[:300]
+
+
+class ClientDPFedAvg(AdapterFedAvg):
+    """DP-FedAvg (client-level DP): Poisson-sampled clients, each update clipped to C
+    (checked here), Gaussian noise on the sum, a fixed denominator qN, equal weights."""
+
+    def __init__(self, *, num_clients: int, template: dict[str, tuple[int, ...]], plan, sampler):
+        super().__init__(num_clients=num_clients, clients_per_round=num_clients, template=template)
+        self.plan, self.sampler = plan, sampler
+        self.sampled: list[int] = []
+        self._global: ArrayRecord | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._global = arrays
+        self.sampled = self.sampler.sample(list(grid.get_node_ids()), self.plan.sample_rate)
+        log(INFO, "client-level DP: %d of %d clients sampled (q=%g)", len(self.sampled),
+            len(list(grid.get_node_ids())), self.plan.sample_rate)
+        config["server-round"] = server_round
+        config["client-clip-norm"] = self.plan.clip_norm
+        return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), self.sampled, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        from fedtune.privacy.client_level import update_norm
+
+        accepted = self.screen(server_round, replies)
+        old = {k: v.numpy() for k, v in self._global.items()}
+        deltas = []
+        for msg in accepted:
+            new = {k: v.numpy() for k, v in msg.content["arrays"].items()}
+            norm = update_norm(new, old)
+            for o in self.outcomes:
+                if o.node == msg.metadata.src_node_id:
+                    o.metrics["update-norm"] = norm
+            if norm > self.plan.clip_norm * (1 + 1e-4):
+                self.reject(msg, server_round, f"update norm {norm:.4g} exceeds the clip norm {self.plan.clip_norm:g}")
+                continue
+            deltas.append({k: new[k].astype(np.float64) - old[k] for k in old})
+        # Every round releases a noisy average, even with no update: the accountant counts it.
+        average = self.sampler.noisy_average(deltas, self.template, self.plan,
+                                             expected_clients=self.plan.sample_rate * self.plan.dataset_size)
+        return ArrayRecord({k: Array((old[k] + average[k]).astype(np.float32)) for k in old}), None

@@ -37,6 +37,10 @@ CASES = {
     "epsilon out of range": (lambda t: [TINY, "--epsilon", "-1"], "privacy.epsilon must be a finite number > 0"),
     "delta out of range": (lambda t: [TINY, "--set", "privacy.delta=2"], "privacy.delta must be in (0, 1)"),
     "prompts longer than max_length": (lambda t: [TINY, "--set", "model.max_length=16"], "raise model.max_length"),
+    "budget below one step": (lambda t: [TINY, "--set", "privacy.budget=0.001"], "is below what one step costs client-0"),
+    "budget below one round": (lambda t: [TINY, "--set", "privacy.budget=6.5"], "pays for no whole round of client-0"),
+    "client-level budget": (lambda t: [TINY, "--set", "client_dp.enabled=true", "--set", "client_dp.budget=0.0001"],
+                            "client_dp.budget=0.0001 is below what one step costs the federation"),
     "no GPU": (lambda t: [TINY, "--set", "model.device=cuda"], "no CUDA GPU is visible"),
 }
 

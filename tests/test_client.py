@@ -101,3 +101,50 @@ def test_without_dp_the_ledger_says_so_and_nothing_is_refused(tmp_path, task_ide
     assert math.isinf(replies[-1].content["metrics"]["epsilon"])
     ledger = Ledger(ledger_path(tmp_path, "client-0"))
     assert ledger.plan()["dp"] is False and [s["dp"] for s in ledger.spends()] == [False] * 3
+
+
+KILLED_AFTER_RECORDING = """
+import os, signal, sys
+import fedtune.client as fc
+from fedtune import config
+from fedtune.server import initial_adapter
+from flwr.supercore.task_identity import TaskIdentity
+from tests.test_client import _context, _message
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+cfg = config.load(sys.argv[1])
+fc.ArrayRecord = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies as the update is packed
+initial = initial_adapter(cfg, sys.argv[2])
+fc.handle_train(_message(initial, 1), _context(cfg))
+print("the update left")
+"""
+
+
+def test_killed_between_recording_and_sending_the_spend_counts(tmp_path, task_identity, initial, tiny_path):
+    """SIGKILL after the ledger append, before the reply exists: the spend is on disk, and
+    the budget check of the next round counts it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
+    from fedtune.client import setup
+
+    plan = make_plan(cfg, len(setup(_context(cfg)).train))
+    cfg = cfg.replace(privacy={"budget": epsilon([plan.round_history], plan.delta)})  # exactly one round
+    cfg_file = tmp_path / "config.toml"
+    cfg_file.write_text(config.dump_toml(cfg))
+    res = subprocess.run([sys.executable, "-c", KILLED_AFTER_RECORDING, str(cfg_file), tiny_path],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+    assert "the update left" not in res.stdout
+    spends = Ledger(ledger_path(tmp_path, "client-0")).spends()
+    assert [s["round"] for s in spends] == [1]
+    reply = handle_train(_message(initial, 2), _context(cfg))
+    assert reply.content["metrics"]["refused"] == 1
+    assert reply.content["metrics"]["epsilon"] == pytest.approx(spends[0]["epsilon"])
+    assert "budget" in reply.content["client"]["reason"]
+    assert os.path.getsize(ledger_path(tmp_path, "client-0")) > 0

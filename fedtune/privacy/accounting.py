@@ -27,9 +27,23 @@ def _options(accountant: str) -> dict:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
+def merged(history: History) -> list[tuple[float, float, int]]:
+    """Neighbouring entries with the same (σ, q) as one entry (composition adds steps)."""
+    out: list[tuple[float, float, int]] = []
+    for s, q, n in history:
+        s, q, n = float(s), float(q), int(n)
+        if n <= 0:
+            continue
+        if out and out[-1][:2] == (s, q):
+            out[-1] = (s, q, out[-1][2] + n)
+        else:
+            out.append((s, q, n))
+    return out
+
+
 def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     """ε at ``delta`` after ``history`` (0 for an empty one), by Opacus."""
-    history = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    history = merged(history)
     if not history:
         return 0.0
     if any(s <= 0 for s, _, _ in history):
@@ -58,7 +72,7 @@ def epsilon_independent(history: History, delta: float, accountant: str = "rdp")
         dp_accounting.SelfComposedDpEvent(
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), int(n)
         )
-        for s, q, n in history if n > 0
+        for s, q, n in merged(history)
     ]
     if not events:
         return 0.0

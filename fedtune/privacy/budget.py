@@ -67,6 +67,26 @@ def make_plan(cfg, dataset_size: int) -> Plan:
     )
 
 
+def check_affordable(plan: Plan, who: str, setting: str) -> None:
+    """FedtuneError if the budget cannot pay for one step, or for one round, of ``plan``."""
+    from fedtune.errors import FedtuneError
+
+    if not plan.dp:
+        return
+    one_step = epsilon([(plan.noise_multiplier, plan.sample_rate, 1)], plan.delta, plan.accountant)
+    if one_step > plan.budget:
+        raise FedtuneError(
+            f"{setting}={plan.budget:g} is below what one step costs {who} (ε={one_step:.3g} at "
+            f"σ={plan.noise_multiplier:.3g}, q={plan.sample_rate:.3g}); raise the budget"
+        )
+    one_round = epsilon([plan.round_history], plan.delta, plan.accountant)
+    if one_round > plan.budget:
+        raise FedtuneError(
+            f"{setting}={plan.budget:g} pays for no whole round of {who} (one round costs ε={one_round:.3g}); "
+            "raise the budget or lower train.local_epochs"
+        )
+
+
 @dataclass(frozen=True)
 class RoundDecision:
     train: bool
