@@ -31,6 +31,7 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_round.py
+	$(BIN)/python benchmarks/bench_sweep.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

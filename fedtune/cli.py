@@ -165,6 +165,9 @@ def cmd_simulate(args) -> int:
 def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:
     p = cfg.privacy
     dp = f"DP-SGD ε={p.epsilon:g} δ={p.delta:g} ({p.accountant})" if p.dp else "no DP"
+    if cfg.client_dp.enabled:
+        c = cfg.client_dp
+        dp += f", client-level DP-FedAvg ε={c.epsilon:g} δ={c.delta:g} q={c.sample_rate:g}"
     clients = ", ".join(f"{name} {tr}/{ho}" for name, (tr, ho) in sizes.items())
     print(f"fedtune: {cfg.federation.mode}, {cfg.federation.rounds} round(s), {cfg.model.name}, {dp}", file=sys.stderr)
     print(f"fedtune: train/held-out records: {clients}", file=sys.stderr)
@@ -182,6 +185,9 @@ def _print_result(run_dir: Path) -> None:
         eps = c.get("epsilon")
         eps_text = "no DP" if eps is None or eps == float("inf") else f"ε={eps:.2f}"
         print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}")
+    cl = s.get("client_level")
+    if cl:
+        print(f"  client-level (each client's whole data): ε={cl['epsilon']:.2f} at δ={cl['delta']:g} over {cl['rounds']} round(s)")
     print(f"report: {run_dir / 'summary.md'}")
 
 

@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 from fedtune.privacy import Ledger
-from fedtune.runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl, write_json
+from fedtune.runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl, server_ledger_path, write_json
 
 PLOT = "perplexity.png"
 
@@ -61,7 +61,19 @@ def summarize(run_dir: Path) -> dict:
     return {
         "run": run, "config": cfg, "rounds": rounds, "clients": sorted(clients.values(), key=lambda c: c["client"]),
         "base_perplexity": base_ppl, "final_perplexity": final_ppl, "relative_change": change,
+        "client_level": _client_level(run_dir),
     }
+
+
+def _client_level(run_dir: Path) -> dict | None:
+    """The server's client-level (DP-FedAvg) guarantee, if the run had one."""
+    ledger = Ledger(server_ledger_path(run_dir))
+    if not ledger.path.exists():
+        return None
+    plan, spends = ledger.plan() or {}, ledger.spends()
+    keys = ("unit", "covers", "not_covered", "noise_multiplier", "sample_rate", "clip_norm", "delta", "accountant", "budget")
+    return {**{k: plan.get(k) for k in keys}, "epsilon": spends[-1]["epsilon"] if spends else 0.0,
+            "rounds": len(spends), "ledger": str(ledger.path.relative_to(run_dir))}
 
 
 def _plot(s: dict, path: Path) -> None:
@@ -151,8 +163,17 @@ def render(s: dict) -> str:
             lines += ["", "> **Warning: privacy.seed was set.** DP noise and sampling were reproducible, so the "
                           "guarantee above does NOT hold for this run. Use seeds for tests only."]
     else:
-        lines += ["This run trained **without** differential privacy: nothing bounds what the adapters reveal "
-                  "about any record. It exists to measure what DP costs."]
+        lines += ["This run trained **without** record-level differential privacy: nothing bounds what the clients' "
+                  "updates reveal about any record."]
+    cl = s.get("client_level")
+    if cl:
+        lines += ["", "### Client-level DP (DP-FedAvg)", "",
+                  f"- **Unit protected:** {cl['unit']}.",
+                  f"- **Guarantee:** ε = {_fmt(cl['epsilon'])} at δ = {cl['delta']:g} after {cl['rounds']} round(s) "
+                  f"({cl['accountant'].upper()}; budget {_fmt(cl['budget'])}): client sampling q = {_fmt(cl['sample_rate'], 3)}, "
+                  f"update clip C = {cl['clip_norm']:g}, noise σ = {_fmt(cl['noise_multiplier'], 3)} on the sum.",
+                  f"- **Covers:** {cl['covers']}.", f"- **Not covered:** {cl['not_covered']}.",
+                  f"- The server's spends are in `{cl['ledger']}`. Check everything with `fedtune audit --verify`."]
     comparison = s.get("comparison")
     if comparison:
         lines += ["", "## Baselines (same data, same held-out records)", "",

@@ -70,6 +70,9 @@ def test_the_server_ledger_matches_what_it_did(run_dir):
     assert [s["round"] for s in spends] == [1, 2] and all(s["steps"] == 1 for s in spends)
     trains = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["phase"] == "train" and r["status"] == "ok"]
     assert trains and all(r["update-norm"] <= spends[0]["clip_norm"] * (1 + 1e-4) for r in trains)
+    summary = json.loads((run_dir / "summary.json").read_text())["client_level"]
+    assert summary["epsilon"] == spends[-1]["epsilon"] and summary["unit"].startswith("one client")
+    assert "Client-level DP (DP-FedAvg)" in (run_dir / "summary.md").read_text()
 
 
 def _edit_line(path, line_no, edit):
