@@ -34,6 +34,7 @@ def _simulate_parser(sub) -> None:
                    help="also run baselines and compare: no-dp,centralized,local-only (default: all)")
     p.add_argument("--canaries", type=int, help="plant N canary records for `fedtune audit --empirical` (audit.canaries)")
     p.add_argument("--secrets", type=int, help="plant N secrets for exposure measurement (audit.secrets)")
+    p.add_argument("--secagg", action="store_true", help="secure aggregation: the server learns only the sum (secagg.enabled)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
@@ -69,6 +70,8 @@ def _overrides(args) -> dict:
                 out["privacy.epsilon"] = float(args.epsilon)
             except ValueError:
                 raise FedtuneError(f"--epsilon must be a number or 'inf' (got {args.epsilon!r})") from None
+    if args.secagg:
+        out["secagg.enabled"] = True
     if args.no_dp:
         out["privacy.dp"] = False
     for item in args.set:

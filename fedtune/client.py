@@ -2,7 +2,8 @@
 
 train: load the global adapter, check the privacy budget against the local ledger,
 train one round (DP-SGD), write the spend to the ledger (fsync'ed), then reply with the
-new adapter. evaluate: held-out loss of the adapter it is sent.
+new adapter, or, under secure aggregation, take part in the SecAgg+ stage the message
+names (the update then leaves only masked). evaluate: held-out loss of the adapter it is sent.
 
 The base model and the client's tokenized data are cached per process, so a simulation
 worker (a Ray actor serving many clients) loads the model once, not once per round.
@@ -32,6 +33,7 @@ from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.privacy.empirical import PLANT_FILE, planted_records
 from fedtune.runfolder import client_dir, ledger_path, now, read_json, run_dir_for, write_json
+from fedtune.secagg.flower import STAGE, LocalUpdate, handle_stage
 from fedtune.train import DPParams, evaluate, train_round
 
 ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
@@ -152,6 +154,33 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
 
 
 def handle_train(msg: Message, context: Context) -> Message:
+    if STAGE in msg.content["config"]:  # secure aggregation: one of its four stages
+        try:
+            return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True))
+        except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
+            return _error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
+    update = _local_round(msg, context, secure=False)
+    if isinstance(update, Message):
+        return update
+    if update.state is None:  # refused: no update leaves
+        return Message(RecordDict({"metrics": MetricRecord(update.metrics), "client": ConfigRecord(update.client)}),
+                       reply_to=msg)
+    arrays = ArrayRecord(update.state)
+    return Message(RecordDict({
+        "arrays": arrays,
+        "metrics": MetricRecord({**update.metrics, "upload-bytes": arrays.count_bytes()}),
+        # The ledger's head, recorded by the server: a later rewrite of the ledger shows.
+        "client": ConfigRecord(update.client),
+    }), reply_to=msg)
+
+
+# Under secure aggregation only these metrics travel in the clear (the example count is
+# inside the masked sum; q, σ and steps would reveal the dataset size, the loss the data).
+REVEALED_UNDER_SECAGG = ("refused", "epsilon", "train-seconds", "threads")
+
+
+def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | Message:
+    """Budget check, one round of (DP-)training and the ledger spend, or a refusal."""
     try:
         s = setup(context)
     except FedtuneError as exc:
@@ -163,16 +192,17 @@ def handle_train(msg: Message, context: Context) -> Message:
         history = ledger.history()
     except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
         return _error_reply(msg, s.name, exc)
+    if secure and len(s.train) > s.cfg.secagg.max_weight:
+        return _error_reply(msg, s.name, FedtuneError(
+            f"{len(s.train)} training records exceed secagg.max_weight={s.cfg.secagg.max_weight:g}; raise it"))
 
     decision = check_round(history, plan)
     if not decision.train:
         ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": decision.epsilon_before,
                        "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
                        "reason": decision.reason, "time": now()})
-        return Message(RecordDict({
-            "metrics": MetricRecord({"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0}),
-            "client": ConfigRecord({"name": s.name, "reason": decision.reason}),
-        }), reply_to=msg)
+        return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0},
+                           {"name": s.name, "reason": decision.reason})
 
     try:
         global_state = msg.content["arrays"].to_torch_state_dict()
@@ -208,18 +238,16 @@ def handle_train(msg: Message, context: Context) -> Message:
                            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
                            "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
                            "epsilon": spent, "dp": plan.dp, "time": now()})
-    arrays = ArrayRecord(state)
-    return Message(RecordDict({
-        "arrays": arrays,
-        "metrics": MetricRecord({
-            "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
-            "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
-            "sample-rate": plan.sample_rate, "train-seconds": stats.seconds,
-            "upload-bytes": arrays.count_bytes(), "threads": torch.get_num_threads(), "refused": 0,
-        }),
-        # The ledger's head, recorded by the server: a later rewrite of the ledger shows.
-        "client": ConfigRecord({"name": s.name, "ledger-head": entry["hash"]}),
-    }), reply_to=msg)
+    metrics = {
+        "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
+        "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
+        "sample-rate": plan.sample_rate, "train-seconds": stats.seconds, "threads": torch.get_num_threads(),
+        "refused": 0,
+    }
+    if secure:
+        metrics = {k: metrics[k] for k in REVEALED_UNDER_SECAGG}
+    return LocalUpdate({k: v.numpy() for k, v in state.items()} if secure else state, float(len(s.train)), metrics,
+                       {"name": s.name, "ledger-head": entry["hash"]})
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

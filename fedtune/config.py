@@ -97,6 +97,18 @@ class ClientDPSection:
 
 
 @dataclass(frozen=True)
+class SecAggSection:
+    """Secure aggregation (SecAgg+): the server learns only the sum of the updates."""
+
+    enabled: bool = False
+    bits: int = 24  # fixed-point precision per value
+    clip: float = 0.25  # each update value is clipped to [-clip, clip] before encoding
+    max_weight: float = 1000.0  # public bound on one client's examples (its weight)
+    degree: int = 8  # neighbours per client (the full graph when there are fewer clients)
+    threshold: int = 0  # shares needed to rebuild a secret; 0 = a majority of the neighbours
+
+
+@dataclass(frozen=True)
 class AuditSection:
     """Planted records for the empirical audit (`fedtune audit --empirical`)."""
 
@@ -132,6 +144,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     client_dp: ClientDPSection = field(default_factory=ClientDPSection)
+    secagg: SecAggSection = field(default_factory=SecAggSection)
     federation: FederationSection = field(default_factory=FederationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     audit: AuditSection = field(default_factory=AuditSection)
@@ -373,6 +386,20 @@ def validate(cfg: Config) -> None:
         _check(cfg.federation.clients_per_round == 0,
                "under client-level DP clients are sampled by client_dp.sample_rate (Poisson, which the accountant "
                "credits); set federation.clients_per_round = 0")
+    g = cfg.secagg
+    if g.enabled:
+        _check(cfg.federation.mode == "federated",
+               f"secure aggregation needs federation.mode = federated (got {cfg.federation.mode})")
+        _check(not cfg.client_dp.enabled, "secure aggregation with client-level DP (distributed DP) is not "
+               "available yet; turn off client_dp or secagg")
+        _check(cfg.clients_per_round >= 3, f"secure aggregation needs at least 3 clients per round (got "
+               f"{cfg.clients_per_round}): with 2, each could subtract its own update from the sum")
+        _check(8 <= g.bits <= 32, f"secagg.bits must be in 8..32 (got {g.bits})")
+        _check(g.clip > 0 and math.isfinite(g.clip), f"secagg.clip must be > 0 (got {g.clip})")
+        _check(g.max_weight >= 1 and math.isfinite(g.max_weight), f"secagg.max_weight must be >= 1 (got {g.max_weight})")
+        _check(g.degree >= 2 and g.degree % 2 == 0, f"secagg.degree must be even and >= 2 (got {g.degree}): each "
+               "client gets degree/2 neighbours on either side of a ring")
+        _check(g.threshold >= 0, f"secagg.threshold must be >= 0 (got {g.threshold}); 0 = a majority of the neighbours")
     a = cfg.audit
     _check(a.canaries >= 0 and a.secrets >= 0, "audit.canaries and audit.secrets must be >= 0")
     _check(a.canaries == 0 or a.canaries >= 10, f"audit.canaries must be 0 or at least 10 (got {a.canaries})")

@@ -44,7 +44,8 @@ def summarize(run_dir: Path) -> dict:
         c["refusals"] = c.get("refusals", 0) + (r["status"] == "refused")
         c["failures"] = c.get("failures", 0) + (r["status"] in ("failed", "rejected"))
         if r["status"] == "ok":
-            c["train_records"] = r["num-examples"]
+            if "num-examples" in r:  # under secure aggregation the server does not learn it
+                c["train_records"] = r["num-examples"]
             c["epsilon"] = r["epsilon"]
     for name, c in clients.items():
         ledger = Ledger(run_dir / "clients" / name / "ledger.jsonl")
@@ -56,6 +57,7 @@ def summarize(run_dir: Path) -> dict:
                      budget=plan.get("budget"), seeded=plan.get("seeded", False), unit=plan.get("unit"),
                      covers=plan.get("covers"), not_covered=plan.get("not_covered"),
                      epsilon=spends[-1]["epsilon"] if spends else 0.0)
+            c.setdefault("train_records", plan.get("dataset_size"))
     base_ppl, final_ppl = base.get("perplexity"), final.get("perplexity")
     change = (final_ppl / base_ppl - 1.0) if base_ppl and final_ppl else None
     return {

@@ -28,7 +28,7 @@ from fedtune.runfolder import (
     adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, server_ledger_path, update_run_file, versions,
     write_json,
 )
-from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg
+from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg, Outcome
 
 
 def initial_adapter(cfg: config_mod.Config, model_path: str) -> dict[str, torch.Tensor]:
@@ -81,6 +81,37 @@ def client_level(cfg: config_mod.Config, run_dir: Path):
     ledger.append({**plan.to_entry(), "client": "server", "mechanism": "DP-FedAvg (Gaussian, Poisson client sampling)",
                    "unit": UNIT, "covers": COVERS, "not_covered": NOT_COVERED, "time": now()})
     return ledger, plan
+
+
+def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayRecord, messages, timeout: float,
+                 strategy: AdapterFedAvg) -> tuple[ArrayRecord | None, list[Outcome], dict]:
+    """A training round under SecAgg+ with the clients the strategy sampled."""
+    from fedtune.secagg.flower import Encoding, secure_train
+
+    nodes = sorted(m.metadata.dst_node_id for m in messages)
+    g = cfg.secagg
+    sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes)),
+                       g.degree, g.threshold, timeout)
+    outcomes = []
+    for node in nodes:
+        reply = sec.replies.get(node)
+        metrics = dict(reply.content["metrics"]) if reply is not None and "metrics" in reply.content.metric_records else {}
+        info = dict(reply.content["client"]) if reply is not None and "client" in reply.content.config_records else {}
+        name = str(info.get("name", strategy.names.get(node, f"node-{node}")))
+        strategy.names[node] = name
+        if metrics.get("refused"):
+            outcome = Outcome(node, name, "refused", metrics, str(info.get("reason", "refused")))
+        elif sec.aborted:
+            outcome = Outcome(node, name, "failed", metrics, sec.aborted)
+        elif node in sec.included:
+            outcome = Outcome(node, name, "ok", metrics, ledger_head=str(info.get("ledger-head", "")))
+        else:
+            outcome = Outcome(node, name, "failed", metrics, sec.lost.get(node, "not in the secure sum"))
+        outcome.metrics["secagg-upload-bytes"] = sec.upload_bytes.get(node, 0)
+        outcomes.append(outcome)
+    info = {"secagg-included": len(sec.included), "secagg-aborted": sec.aborted,
+            **{f"secagg-{k}-seconds": v for k, v in sec.seconds.items()}}
+    return sec.arrays, outcomes, info
 
 
 def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
@@ -141,9 +172,13 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         progress(round_, "train")
         log(INFO, "fedtune: round %d/%d", round_, rounds)
         messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
-        new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+        secure_info = {}
+        if cfg.secagg.enabled:  # the same clients, but the server only learns their sum
+            new_arrays, outcomes, secure_info = secure_round(grid, cfg, round_, arrays, messages, timeout, strategy)
+        else:
+            new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
+            outcomes = list(strategy.outcomes)
         train_seconds = time.perf_counter() - t0
-        outcomes = list(strategy.outcomes)
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
@@ -162,7 +197,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
         append_jsonl(metrics_file, {"round": round_, "phase": "round", "time": now(), "seconds": time.perf_counter() - t0,
                                     "train-seconds": train_seconds, "trained": counts["ok"], "refused": counts["refused"],
-                                    "failed": counts["failed"], "rejected": counts["rejected"], **pooled})
+                                    "failed": counts["failed"], "rejected": counts["rejected"], **secure_info, **pooled})
         if counts["ok"] == 0 and counts["refused"] == len(outcomes) and outcomes:
             log(INFO, "fedtune: every client refused (privacy budgets spent); stopping after round %d", round_)
             break

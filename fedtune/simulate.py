@@ -68,6 +68,9 @@ def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
         name = client_name(cfg, index)
         sizes[name] = (len(train), len(heldout))
         check_affordable(make_plan(cfg, len(train)), name, "privacy.budget")
+        if cfg.secagg.enabled and len(train) > cfg.secagg.max_weight:
+            raise FedtuneError(f"{name} has {len(train)} training records, above secagg.max_weight="
+                               f"{cfg.secagg.max_weight:g} (the public bound on a client's weight); raise it")
     if cfg.client_dp.enabled:
         check_affordable(make_server_plan(cfg), "the federation", "client_dp.budget")
     return sizes

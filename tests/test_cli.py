@@ -41,6 +41,9 @@ CASES = {
     "budget below one round": (lambda t: [TINY, "--set", "privacy.budget=6.5"], "pays for no whole round of client-0"),
     "client-level budget": (lambda t: [TINY, "--set", "client_dp.enabled=true", "--set", "client_dp.budget=0.0001"],
                             "client_dp.budget=0.0001 is below what one step costs the federation"),
+    "secagg with two clients": (lambda t: [TINY, "--secagg", "--clients", "2"], "needs at least 3 clients per round"),
+    "secagg weight bound": (lambda t: [TINY, "--secagg", "--set", "secagg.max_weight=10"],
+                            "above secagg.max_weight=10"),
     "no GPU": (lambda t: [TINY, "--set", "model.device=cuda"], "no CUDA GPU is visible"),
 }
 

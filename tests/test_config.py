@@ -36,6 +36,11 @@ def test_round_trip_through_flowers_flat_run_config():
     ({"model.device": "tpu"}, "model.device must be"),
     ({"model.name": ""}, "model.name is empty"),
     ({"train.local_epochs": 0}, "train.local_epochs must be > 0"),
+    ({"client_dp.enabled": True, "federation.clients_per_round": 2}, "set federation.clients_per_round = 0"),
+    ({"secagg.enabled": True, "secagg.bits": 40}, "secagg.bits must be in 8..32"),
+    ({"secagg.enabled": True, "secagg.degree": 5}, "secagg.degree must be even"),
+    ({"secagg.enabled": True, "federation.mode": "local"}, "secure aggregation needs federation.mode = federated"),
+    ({"secagg.enabled": True, "client_dp.enabled": True}, "distributed DP"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(FedtuneError, match=message):

@@ -1,0 +1,236 @@
+"""The SecAgg+ client: one object per client per round, driven stage by stage.
+
+    client = SecAggClient(my_id, setup)            # setup: SecAggSetup or its message
+    reply = client.advertise_keys()                # {"pk_enc": bytes, "pk_mask": bytes}
+    reply = client.share_keys(msg)                 # msg {"pk_enc": {j: bytes}, "pk_mask": {j: bytes}}
+                                                   # -> {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
+    reply = client.collect(msg, vector)            # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
+                                                   # -> {"masked": bytes (m bits per value)}
+    reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j]}
+                                                   # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
+
+Key pairs and the self-mask seed are fresh per object, so revealing a dropped client's
+mask key exposes nothing beyond this round. The client refuses keys from non-neighbours,
+repeated public keys, ciphertexts or shares that fail their checks (naming the sender),
+and ever revealing both shares of one neighbour. Any error leaves it aborted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedtune.secagg import crypto
+from fedtune.secagg.encoding import field_dtype, pack
+from fedtune.secagg.protocol import (
+    COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, SecAggAborted, SecAggError, SecAggSetup, Stage,
+    as_message, field_mask, id_list, pair_mask, paired_maps, self_mask, sign,
+)
+
+
+@dataclass(frozen=True)
+class HeldShare:
+    """What a neighbour (the owner) entrusted to this client."""
+
+    index: int
+    b_share: bytes
+    sk_share: bytes
+
+
+class SecAggClient:
+    def __init__(self, client_id: int, setup: SecAggSetup | dict[str, Any]):
+        self.setup = setup if isinstance(setup, SecAggSetup) else SecAggSetup.from_message(setup)
+        self.id = int(client_id)
+        if self.id not in self.setup.neighbours:
+            raise SecAggError(f"client {self.id}: not among the round's clients")
+        self.stage = Stage.ADVERTISE
+        self._enc = crypto.KeyPair.generate()
+        self._mask = crypto.KeyPair.generate()
+        self._b = os.urandom(crypto.KEY_BYTES)
+        self._enc_keys: dict[int, bytes] = {}  # AEAD key shared with each neighbour that got our keys
+        self._pk_mask: dict[int, bytes] = {}
+        self._held: dict[int, HeldShare] = {}  # owner -> shares it sent us
+
+    @property
+    def neighbours(self) -> frozenset[int]:
+        return self.setup.neighbours[self.id]
+
+    def _enter(self, stage: Stage) -> None:
+        if self.stage is not stage:
+            raise SecAggError(f"client {self.id}: asked for stage '{stage}' while in stage '{self.stage}'")
+
+    def _fail(self, error: SecAggError) -> SecAggError:
+        self.stage = Stage.ABORTED
+        self._b = b""
+        self._held.clear()
+        return error
+
+    # -- advertise --------------------------------------------------------------------
+    def advertise_keys(self) -> dict[str, bytes]:
+        self._enter(Stage.ADVERTISE)
+        self.stage = Stage.SHARE
+        return {"pk_enc": self._enc.public, "pk_mask": self._mask.public}
+
+    # -- share ------------------------------------------------------------------------
+    def share_keys(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
+        self._enter(Stage.SHARE)
+        try:
+            return self._share_keys(msg)
+        except SecAggError as e:
+            raise self._fail(e) from None
+
+    def _share_keys(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
+        me, p, t = self.id, self.setup.params, self.setup.threshold
+        pk_enc, pk_mask = paired_maps(msg, "pk_enc", "pk_mask", me, "encryption and mask keys for")
+        for j in pk_enc:
+            if j not in self.neighbours:
+                raise SecAggError(f"client {me}: the server sent keys of client {j}, which is not a neighbour")
+            if not (isinstance(pk_enc[j], bytes) and isinstance(pk_mask[j], bytes)):
+                raise SecAggError(f"client {me}: the public keys of client {j} are not bytes")
+        keys = [self._enc.public, self._mask.public] + [k for j in pk_enc for k in (pk_enc[j], pk_mask[j])]
+        if len(set(keys)) != len(keys):
+            raise SecAggError(f"client {me}: the neighbours' public keys are not all distinct")
+        if len(pk_enc) < t:
+            raise SecAggAborted(f"client {me}: only {len(pk_enc)} neighbours advertised keys, {t} needed")
+
+        holders = sorted(pk_enc)
+        b_shares = crypto.share_secret(self._b, t, len(holders))
+        sk_shares = crypto.share_secret(self._mask.private_bytes(), t, len(holders))
+        ciphertexts, commitments = {}, {}
+        for holder, (index, b_share), (_, sk_share) in zip(holders, b_shares, sk_shares, strict=True):
+            try:
+                key = crypto.agree(self._enc.private, pk_enc[holder], crypto.INFO_ENCRYPTION, p.round, me, holder)
+                crypto.check_public_key(pk_mask[holder])
+            except crypto.CryptoError as e:
+                raise SecAggError(f"client {me}: the public key of client {holder} is unusable: {e}") from None
+            self._enc_keys[holder] = key
+            self._pk_mask[holder] = pk_mask[holder]
+            plaintext = struct.pack(">I", index) + b_share + sk_share
+            ad = crypto.associated_data(Stage.SHARE, p.round, me, holder)
+            ciphertexts[holder] = crypto.encrypt(key, plaintext, ad)
+            commitments[holder] = (crypto.commit_share(KIND_B, p.round, me, holder, index, b_share)
+                                   + crypto.commit_share(KIND_SK, p.round, me, holder, index, sk_share))
+        self.stage = Stage.COLLECT
+        return {"ciphertexts": ciphertexts, "commitments": commitments}
+
+    # -- collect ----------------------------------------------------------------------
+    def collect(self, msg: dict[str, Any], vector: np.ndarray) -> dict[str, bytes]:
+        """receive_shares(msg), then masked_input(vector)."""
+        self.receive_shares(msg)
+        return self.masked_input(vector)
+
+    def receive_shares(self, msg: dict[str, Any]) -> None:
+        self._enter(Stage.COLLECT)
+        if self._held:
+            raise SecAggError(f"client {self.id}: shares already received this round")
+        try:
+            self._receive_shares(msg)
+        except SecAggError as e:
+            raise self._fail(e) from None
+
+    def _receive_shares(self, msg: dict[str, Any]) -> None:
+        me, p, t = self.id, self.setup.params, self.setup.threshold
+        ciphertexts, commitments = paired_maps(msg, "ciphertexts", "commitments", me, "ciphertexts and commitments from")
+        held = {}
+        for owner, blob in ciphertexts.items():
+            if owner not in self._enc_keys:
+                raise SecAggError(f"client {me}: got shares from client {owner}, to whom it sent no keys")
+            try:
+                plain = crypto.decrypt(self._enc_keys[owner], bytes(blob),
+                                       crypto.associated_data(Stage.SHARE, p.round, owner, me))
+            except (crypto.CryptoError, TypeError):
+                raise SecAggError(f"client {me}: the share ciphertext from client {owner} failed "
+                                  "authentication") from None
+            if len(plain) != SHARE_PLAINTEXT_BYTES:
+                raise SecAggError(f"client {me}: the shares from client {owner} have the wrong size")
+            (index,) = struct.unpack(">I", plain[:4])
+            b_share, sk_share = plain[4:4 + crypto.SHARE_BYTES], plain[4 + crypto.SHARE_BYTES:]
+            expected = (crypto.commit_share(KIND_B, p.round, owner, me, index, b_share)
+                        + crypto.commit_share(KIND_SK, p.round, owner, me, index, sk_share))
+            if len(commitments[owner]) != COMMITMENT_BYTES or bytes(commitments[owner]) != expected:
+                raise SecAggError(f"client {me}: the shares from client {owner} do not match its commitments")
+            held[owner] = HeldShare(index, b_share, sk_share)
+        if len(held) < t:
+            raise SecAggAborted(f"client {me}: only {len(held)} neighbours sent shares, {t} needed")
+        self._held = held
+
+    def masked_input(self, vector: np.ndarray) -> dict[str, bytes]:
+        """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares."""
+        self._enter(Stage.COLLECT)
+        if not self._held:
+            raise SecAggError(f"client {self.id}: masked_input before receive_shares")
+        m, length = self.setup.params.field_bits, self.setup.params.length
+        x = np.asarray(vector)
+        if x.shape != (length,) or x.dtype.kind not in "ui":
+            raise SecAggError(f"client {self.id}: the input must be {length} integers, not shape {x.shape} "
+                              f"of {x.dtype}")
+        if x.size and (x.min() < 0 or int(x.max()) >> m):
+            raise SecAggError(f"client {self.id}: input values must lie in [0, 2^{m})")
+        y = x.astype(field_dtype(m))
+        y += self_mask(self.setup, self.id, self._b)
+        for j in sorted(self._held):
+            mask = pair_mask(self.setup, self.id, self._mask.private, j, self._pk_mask[j])
+            if sign(self.id, j) > 0:
+                y += mask
+            else:
+                y -= mask
+        y &= field_mask(self.setup)
+        self.stage = Stage.UNMASK
+        return {"masked": pack(y, m)}
+
+    # -- unmask -----------------------------------------------------------------------
+    def unmask(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
+        """b-shares of surviving neighbours, mask-key shares of dropped ones; refuses to
+        ever give both for one neighbour (that would unmask its input)."""
+        self._enter(Stage.UNMASK)
+        me = self.id
+        msg = as_message(msg, me)
+        survivors = id_list(msg.get("survivors", []), "survivors", me)
+        dropped = id_list(msg.get("dropped", []), "dropped", me)
+        for j in sorted(set(survivors) & set(dropped)):
+            raise self._fail(SecAggError(f"client {me}: asked to reveal both the self-mask share and the "
+                                         f"mask-key share of client {j}; refusing"))
+        for j in survivors + dropped:
+            if j not in self._held:
+                raise self._fail(SecAggError(f"client {me}: asked for shares of client {j}, which it does not hold"))
+        self.stage = Stage.DONE  # one unmask per round: no later request can ask for the other share
+        return {"b_shares": {j: self._held[j].b_share for j in survivors},
+                "sk_shares": {j: self._held[j].sk_share for j in dropped}}
+
+    # -- between stages ---------------------------------------------------------------
+    # A Flower ClientApp may handle each stage in another process: the client's secrets
+    # travel in its own node state (Context.state, on the data holder's machine), never
+    # in a message.
+    def to_bytes(self) -> bytes:
+        hx = bytes.hex
+        state = {
+            "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed)}, "id": self.id,
+            "stage": str(self.stage), "enc": hx(self._enc.private_bytes()), "mask": hx(self._mask.private_bytes()),
+            "b": hx(self._b), "enc_keys": {str(j): hx(k) for j, k in self._enc_keys.items()},
+            "pk_mask": {str(j): hx(k) for j, k in self._pk_mask.items()},
+            "held": {str(j): [h.index, hx(h.b_share), hx(h.sk_share)] for j, h in self._held.items()},
+        }
+        return json.dumps(state).encode()
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> SecAggClient:
+        try:
+            s = json.loads(blob)
+            un = bytes.fromhex
+            setup = SecAggSetup.from_message({**s["setup"], "graph_seed": un(s["setup"]["graph_seed"])})
+            client = cls.__new__(cls)
+            client.setup, client.id, client.stage = setup, int(s["id"]), Stage(s["stage"])
+            client._enc = crypto.KeyPair.from_private_bytes(un(s["enc"]))
+            client._mask = crypto.KeyPair.from_private_bytes(un(s["mask"]))
+            client._b = un(s["b"])
+            client._enc_keys = {int(j): un(k) for j, k in s["enc_keys"].items()}
+            client._pk_mask = {int(j): un(k) for j, k in s["pk_mask"].items()}
+            client._held = {int(j): HeldShare(int(i), un(b), un(sk)) for j, (i, b, sk) in s["held"].items()}
+            return client
+        except (KeyError, TypeError, ValueError) as e:
+            raise SecAggError(f"secure aggregation: the client's saved round state is unreadable ({e!r})") from None

@@ -1,0 +1,313 @@
+"""SecAgg+ on Flower's Message API: the server's training round and the client's stages.
+
+Each protocol stage is one round trip of TRAIN messages through ``Grid.send_and_receive``;
+the message config names it under ``secagg-stage``:
+
+  advertise  setup (parameters, clients, graph seed, encoding) -> two public keys
+  share      the neighbours' public keys -> encrypted shares for each neighbour
+  collect    the global adapter and the shares addressed to this client -> the client
+             trains (spending from its ledger first), encodes [w·Δ, w] in fixed point
+             and sends it masked
+  unmask     which neighbours survived or dropped -> the shares the server needs
+
+The server learns Σ w_i·Δ_i and Σ w_i of the clients whose inputs are in the sum, and
+adds Σ w_i·Δ_i / Σ w_i to the global adapter. It never sees one client's update or its
+example count. A client's protocol secrets stay in its own node state between stages.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any, Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+
+from fedtune.errors import FedtuneError
+from fedtune.secagg.client import SecAggClient
+from fedtune.secagg.encoding import FixedPoint, WeightedFixedPoint
+from fedtune.secagg.protocol import SecAggAborted, SecAggError, SecAggParams, Stage
+from fedtune.secagg.server import SecAggServer
+
+STAGE = "secagg-stage"
+STATE = "fedtune-secagg"  # the client's round secrets, in its Context.state
+ENCODING = "secagg-encoding"
+MASKED = "masked"
+
+
+# ---- protocol messages <-> Flower ConfigRecords ------------------------------------------
+# Client ids are Flower node ids (unsigned 64-bit), beyond ConfigRecord's signed ints: they
+# travel as strings. {id: bytes} maps travel as two parallel lists; an empty map or list
+# as a marker (Flower cannot count the bytes of an empty list).
+def to_record(msg: dict[str, Any], **extra: Any) -> ConfigRecord:
+    out: dict[str, Any] = {}
+    for key, value in msg.items():
+        if isinstance(value, (dict, list, tuple)) and not value:
+            out[f"{key}.empty"] = "dict" if isinstance(value, dict) else "list"
+        elif isinstance(value, dict):
+            out[f"{key}.ids"] = [str(k) for k in value]
+            out[f"{key}.values"] = [bytes(v) for v in value.values()]
+        elif isinstance(value, (list, tuple)):
+            out[f"{key}.list"] = [str(v) for v in value]
+        elif isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            out[f"{key}.int"] = str(int(value))
+        else:
+            out[key] = value
+    return ConfigRecord({**out, **extra})
+
+
+def from_record(record: ConfigRecord) -> dict[str, Any]:
+    msg: dict[str, Any] = {}
+    try:
+        for key, value in record.items():
+            name, _, kind = key.rpartition(".")
+            if kind == "ids":
+                values = record[f"{name}.values"]
+                if len(values) != len(value):
+                    raise ValueError(f"'{name}' has {len(value)} ids but {len(values)} values")
+                msg[name] = {int(k): bytes(v) for k, v in zip(value, values)}
+            elif kind == "list":
+                msg[name] = [int(v) for v in value]
+            elif kind == "int":
+                msg[name] = int(value)
+            elif kind == "empty":
+                msg[name] = {} if value == "dict" else []
+            elif kind != "values":
+                msg[key] = value
+    except (KeyError, TypeError, ValueError) as e:
+        raise SecAggError(f"secure aggregation: malformed protocol message ({e})") from None
+    return msg
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How updates become field elements; public, sent with the setup."""
+
+    bits: int
+    clip: float
+    max_weight: float
+    n_max: int
+
+    def coder(self) -> WeightedFixedPoint:
+        return WeightedFixedPoint(FixedPoint(self.clip, self.bits, self.n_max), self.max_weight)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, text: str) -> Encoding:
+        try:
+            d = json.loads(text)
+            return cls(int(d["bits"]), float(d["clip"]), float(d["max_weight"]), int(d["n_max"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise SecAggError(f"secure aggregation: malformed encoding ({e!r})") from None
+
+
+def flatten(arrays: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(arrays[k], np.float64).reshape(-1) for k in keys])
+
+
+# ---- the server's round ---------------------------------------------------------------
+@dataclass
+class SecureRound:
+    """What one securely aggregated round produced."""
+
+    arrays: ArrayRecord | None  # the new global adapter; None when nothing was aggregated
+    included: list[int]  # nodes whose updates are in the sum
+    total_weight: float = 0.0  # Σ w_i (examples) of the included clients
+    replies: dict[int, Message] = field(default_factory=dict)  # each node's collect reply
+    lost: dict[int, str] = field(default_factory=dict)  # node -> why it is not in the sum
+    aborted: str = ""  # non-empty: the round could not finish; nothing was aggregated
+    upload_bytes: dict[int, int] = field(default_factory=dict)  # per node, all stages
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage, server wall time
+
+
+def _send(grid, requests: dict[int, RecordDict], timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
+    messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node, content in requests.items()]
+    ok, failed = {}, {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            failed[node] = (reply.error.reason or "error").strip().splitlines()[-1][:300]
+        else:
+            ok[node] = reply
+    for node in requests:
+        if node not in ok and node not in failed:
+            failed[node] = f"no reply within {timeout:g} s"
+    return ok, failed
+
+
+def _bodies(ok: dict[int, Message], lost: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """The protocol replies; one that cannot be read counts as the node dropping out."""
+    bodies = {}
+    for node, reply in ok.items():
+        try:
+            if "reply" not in reply.content.config_records:
+                raise SecAggError("the reply has no 'reply' record")
+            bodies[node] = from_record(reply.content["reply"])
+        except SecAggError as e:
+            lost.setdefault(node, f"malformed reply: {e}")
+            log(WARNING, "secure aggregation: node %d sent a malformed reply: %s", node, e)
+    return bodies
+
+
+def _bytes_of(msg: Message) -> int:
+    c = msg.content
+    return sum(r.count_bytes() for r in c.array_records.values()) + sum(r.count_bytes() for r in c.config_records.values())
+
+
+def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
+                 degree: int, threshold: int, timeout: float) -> SecureRound:
+    """One training round of ``nodes`` under SecAgg+; never raises for a client's fault."""
+    keys = list(arrays.keys())
+    old = {k: arrays[k].numpy() for k in keys}
+    size = sum(v.size for v in old.values())
+    coder = encoding.coder()
+    params = SecAggParams(field_bits=coder.field_bits, length=coder.length(size), degree=degree,
+                          threshold=threshold or None, round=server_round)
+    out = SecureRound(arrays=None, included=[])
+    try:
+        server = SecAggServer(params, nodes)
+    except FedtuneError as e:
+        out.aborted = str(e)
+        return out
+    lost, upload = out.lost, out.upload_bytes
+
+    def stage(name: Stage, requests: dict[int, RecordDict]) -> dict[int, Any]:
+        t0 = time.perf_counter()
+        ok, failed = _send(grid, requests, timeout)
+        out.seconds[str(name)] = time.perf_counter() - t0
+        for node, reason in failed.items():
+            lost.setdefault(node, f"dropped in stage '{name}': {reason}")
+            log(WARNING, "secure aggregation: node %d dropped in stage '%s': %s", node, name, reason)
+        for node, reply in ok.items():
+            upload[node] = upload.get(node, 0) + _bytes_of(reply)
+        return ok
+
+    def config(name: Stage, msg: dict[str, Any], **extra: Any) -> ConfigRecord:
+        return to_record(msg, **{STAGE: str(name), "server-round": server_round, **extra})
+
+    try:
+        setup = config(Stage.ADVERTISE, server.advertise_request(), **{ENCODING: encoding.to_json()})
+        ok = stage(Stage.ADVERTISE, {n: RecordDict({"config": setup}) for n in nodes})
+        server.receive_advertise(_bodies(ok, lost))
+
+        ok = stage(Stage.SHARE, {n: RecordDict({"config": config(Stage.SHARE, m)})
+                                 for n, m in server.share_requests().items()})
+        server.receive_share(_bodies(ok, lost))
+
+        ok = stage(Stage.COLLECT, {n: RecordDict({"config": config(Stage.COLLECT, m), "arrays": arrays})
+                                   for n, m in server.collect_requests().items()})
+        out.replies = ok
+        inputs = {}
+        for n, r in ok.items():
+            if MASKED in r.content.array_records and MASKED in r.content[MASKED]:
+                inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes()}
+            else:
+                inputs[n] = {}  # rejected by the server: no masked input
+        server.receive_collect(inputs)
+
+        ok = stage(Stage.UNMASK, {n: RecordDict({"config": config(Stage.UNMASK, m)})
+                                  for n, m in server.unmask_requests().items()})
+        result = server.receive_unmask(_bodies(ok, lost))
+    except SecAggAborted as e:
+        out.aborted = str(e)
+        log(WARNING, "%s; round %d aggregates nothing", e, server_round)
+        return out
+    except SecAggError as e:  # our own bookkeeping broke: still nothing partial
+        out.aborted = f"secure aggregation failed: {e}"
+        return out
+    for node, reason in server.rejected.items():
+        lost.setdefault(node, reason)
+    out.included = list(result.clients)
+    t0 = time.perf_counter()
+    weighted, total_weight = coder.decode(result.total, len(result.clients))
+    out.total_weight = total_weight
+    if total_weight >= 0.5:  # at least one example behind the sum (refusing clients send weight 0)
+        delta = weighted / total_weight
+        new, start = {}, 0
+        for k in keys:
+            n = old[k].size
+            new[k] = Array((old[k] + delta[start:start + n].reshape(old[k].shape)).astype(np.float32))
+            start += n
+        out.arrays = ArrayRecord(new)
+    out.seconds["decode"] = time.perf_counter() - t0
+    log(INFO, "secure aggregation: %d of %d clients in the sum (total weight %.0f)", len(out.included), len(nodes),
+        total_weight)
+    return out
+
+
+# ---- the client's side ------------------------------------------------------------------
+@dataclass
+class LocalUpdate:
+    """What local training gave: the new adapter (None if the client refused) and what it
+    may reveal in the clear (metrics) or keep inside the sum (weight)."""
+
+    state: dict[str, np.ndarray] | None
+    weight: float
+    metrics: dict[str, Any]
+    client: dict[str, Any]
+
+
+def _save(context: Context, client: SecAggClient) -> None:
+    context.state[STATE] = ConfigRecord({"blob": client.to_bytes()})
+
+
+def _load(context: Context, stage: Stage) -> SecAggClient:
+    record = context.state.config_records.get(STATE)
+    if record is None:
+        raise SecAggError(f"secure aggregation: stage '{stage}' arrived but this client holds no round state "
+                          "(it missed the advertise stage)")
+    return SecAggClient.from_bytes(record["blob"])
+
+
+def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message]) -> Message:
+    """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect."""
+    config = msg.content["config"]
+    stage = Stage(str(config[STAGE]))
+    me = context.node_id
+    if stage is Stage.ADVERTISE:
+        body = from_record(config)
+        client = SecAggClient(me, {k: body[k] for k in ("round", "field_bits", "length", "degree", "threshold",
+                                                        "client_ids", "graph_seed")})
+        reply = client.advertise_keys()
+        _save(context, client)
+        context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
+        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
+    client = _load(context, stage)
+    if stage is Stage.SHARE:
+        reply = client.share_keys(from_record(config))
+        _save(context, client)
+        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
+    if stage is Stage.COLLECT:
+        client.receive_shares(from_record(config))  # a tampered share stops us before we spend
+        update = train(msg)
+        if isinstance(update, Message):  # training failed: an error reply, we drop out
+            return update
+        global_arrays = msg.content["arrays"]
+        keys = list(global_arrays.keys())
+        coder = Encoding.from_json(context.state.config_records[ENCODING]["json"]).coder()
+        if update.state is None:  # refused: take part with nothing (weight 0) so the round holds
+            delta, weight = np.zeros(client.setup.params.length - 1), 0.0
+        else:
+            delta = flatten(update.state, keys) - flatten({k: global_arrays[k].numpy() for k in keys}, keys)
+            weight = update.weight
+            clipped = int((np.abs(delta) > coder.fixed_point.clip).sum())
+            if clipped:
+                log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
+                    "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
+        reply = client.masked_input(coder.encode(delta, weight))
+        _save(context, client)
+        packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
+        metrics = {**update.metrics, "upload-bytes": int(packed.size)}
+        return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
+                                   "client": ConfigRecord(update.client)}), reply_to=msg)
+    if stage is Stage.UNMASK:
+        reply = client.unmask(from_record(config))
+        del context.state[STATE]
+        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
+    raise SecAggError(f"secure aggregation: unknown stage '{stage}'")
