@@ -32,6 +32,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_step.py
 	$(BIN)/python benchmarks/bench_round.py
 	$(BIN)/python benchmarks/bench_sweep.py
+	$(BIN)/python benchmarks/bench_secagg.py
+	$(BIN)/python benchmarks/bench_secagg_round.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
