@@ -191,3 +191,16 @@ def test_a_simulation_with_secagg_matches_one_without(tmp_path):
     plain, secure = finals["plain-adapter"], finals["secure-adapter"]
     diff = max(float((plain[k] - secure[k]).abs().max()) for k in plain)
     assert 0 < diff < 1e-5  # two aggregation paths, equal up to 24-bit fixed-point rounding
+
+
+@pytest.mark.parametrize("config_items, why", [
+    ({STAGE: "advertise", "server-round": 1}, "malformed setup"),
+    ({STAGE: "teleport", "server-round": 1}, "unknown stage"),
+    ({STAGE: "unmask", "server-round": 1}, "holds no round state"),
+])
+def test_malformed_protocol_messages_get_an_error_reply_not_a_crash(tmp_path, task_identity, config_items, why):
+    cfg = _cfg(tmp_path, "secure")
+    ctx = Grid(cfg).contexts[NODES[0]]
+    reply = handle_train(Message(RecordDict({"config": ConfigRecord(config_items)}), dst_node_id=NODES[0],
+                                 message_type=MessageType.TRAIN), ctx)
+    assert reply.has_error() and why in reply.error.reason and f"node {NODES[0]}" in reply.error.reason

@@ -268,14 +268,18 @@ def _load(context: Context, stage: Stage) -> SecAggClient:
 def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message]) -> Message:
     """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect."""
     config = msg.content["config"]
-    stage = Stage(str(config[STAGE]))
+    try:
+        stage = Stage(str(config[STAGE]))
+    except ValueError:
+        raise SecAggError(f"secure aggregation: unknown stage {config[STAGE]!r}") from None
     me = context.node_id
     if stage is Stage.ADVERTISE:
         body = from_record(config)
-        client = SecAggClient(me, {k: body[k] for k in ("round", "field_bits", "length", "degree", "threshold",
-                                                        "client_ids", "graph_seed")})
+        client = SecAggClient(me, {k: body.get(k) for k in ("round", "field_bits", "length", "degree", "threshold",
+                                                            "client_ids", "graph_seed")})
         reply = client.advertise_keys()
         _save(context, client)
+        Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now rather than later
         context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
         return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
     client = _load(context, stage)
@@ -310,4 +314,4 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
         reply = client.unmask(from_record(config))
         del context.state[STATE]
         return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
-    raise SecAggError(f"secure aggregation: unknown stage '{stage}'")
+    raise SecAggError(f"secure aggregation: stage '{stage}' is not one a client answers")
