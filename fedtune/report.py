@@ -184,8 +184,8 @@ def render(s: dict) -> str:
             lines.append(f"| {row['label']} | {row['what']} | {_fmt(row['final_perplexity'])} | "
                          f"{_fmt(row['relative_change'] * 100 if row['relative_change'] is not None else None, 1)}% | "
                          f"{_fmt(row['epsilon'])} |")
-    lines += ["", f"Files: `metrics.jsonl` (per client, per round), `adapters/` (PEFT adapter folders), "
-              f"`config.toml` (the resolved config), `summary.json`.", ""]
+    lines += ["", "Files: `metrics.jsonl` (per client, per round), `adapters/` (PEFT adapter folders), "
+              "`config.toml` (the resolved config), `summary.json`.", ""]
     return "\n".join(lines)
 
 

@@ -43,6 +43,7 @@ def test_held_out_split_is_deterministic_and_disjoint():
     cfg = tiny_config()
     (tr1, ho1), (tr2, ho2) = client_data(cfg, 1), client_data(cfg.replace(federation={"rounds": 5}), 1)
     assert list(ho1["completion"]) == list(ho2["completion"])
+    assert list(tr1["completion"]) == list(tr2["completion"])
     assert not set(tr1["completion"]) & set(ho1["completion"])
     assert len(ho1) == round((len(tr1) + len(ho1)) * cfg.data.eval_fraction)
 

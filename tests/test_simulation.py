@@ -10,7 +10,6 @@ import sys
 import tomllib
 
 import pytest
-import torch
 
 from fedtune.privacy import Ledger, epsilon_independent
 from fedtune.runfolder import read_jsonl

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import Any, Callable
 
@@ -96,7 +96,7 @@ class Encoding:
         return WeightedFixedPoint(FixedPoint(self.clip, self.bits, self.n_max), self.max_weight)
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__)
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> Encoding:
