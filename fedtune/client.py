@@ -156,7 +156,8 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
 def handle_train(msg: Message, context: Context) -> Message:
     if STAGE in msg.content["config"]:  # secure aggregation: one of its four stages
         try:
-            return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True))
+            return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True),
+                                check=lambda encoding: _check_encoding(context, encoding))
         except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
             return _error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
     update = _local_round(msg, context, secure=False)
@@ -172,6 +173,33 @@ def handle_train(msg: Message, context: Context) -> Message:
         # The ledger's head, recorded by the server: a later rewrite of the ledger shows.
         "client": ConfigRecord(update.client),
     }), reply_to=msg)
+
+
+_DDG: dict[tuple, object] = {}
+
+
+def _check_encoding(context: Context, encoding) -> None:
+    """Distributed DP: this client adds the noise its own config calls for; a server asking
+    for other parameters (less noise, another clip) gets a refusal."""
+    from fedtune.privacy.distributed import plan_for
+
+    s = setup(context)
+    cfg = s.cfg
+    if not cfg.client_dp.enabled:
+        return
+    if encoding.ddg is None:
+        raise FedtuneError(f"{s.name}: the server asks for secure aggregation without distributed-DP noise, but this "
+                           "client's config has client_dp on; refusing to send an un-noised update")
+    dim = sum(v.numel() for v in get_adapter_state(s.m.model).values())
+    key = (cfg.client_dp, cfg.secagg, cfg.federation, dim)
+    if key not in _DDG:
+        _DDG[key] = plan_for(cfg, dim)
+    mine = _DDG[key].to_dict()
+    asked = encoding.ddg.to_dict()
+    diff = [f"{k}={asked[k]!r} (mine {mine[k]!r})" for k in mine if asked[k] != mine[k]]
+    if diff:
+        raise FedtuneError(f"{s.name}: the server's distributed-DP parameters differ from this client's config: "
+                           f"{', '.join(diff)}; refusing the round")
 
 
 # Under secure aggregation only these metrics travel in the clear (the example count is

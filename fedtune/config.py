@@ -94,6 +94,7 @@ class ClientDPSection:
     accountant: str = "rdp"  # rdp | prv
     budget: float = 0.0  # ε the server will spend at most; 0 = epsilon
     noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
+    min_clients: int = 0  # with secagg: fewest clients whose noise a round's sum needs; 0 = all clients
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,8 @@ def validate(cfg: Config) -> None:
         _check(0 < c.sample_rate <= 1, f"client_dp.sample_rate must be in (0, 1] (got {c.sample_rate})")
         _check(c.budget >= 0 and math.isfinite(c.budget), f"client_dp.budget must be >= 0 (got {c.budget}); 0 = client_dp.epsilon")
         _check(c.noise_multiplier >= 0, f"client_dp.noise_multiplier must be >= 0 (got {c.noise_multiplier}); 0 = calibrate")
+        _check(c.min_clients == 0 or cfg.secagg.enabled, "client_dp.min_clients applies to distributed DP only; "
+               "turn secagg on or set it to 0")
         _check(cfg.federation.mode == "federated",
                f"client-level DP needs federation.mode = federated (got {cfg.federation.mode}); turn client_dp off for baselines")
         _check(cfg.federation.clients_per_round == 0,
@@ -390,8 +393,14 @@ def validate(cfg: Config) -> None:
     if g.enabled:
         _check(cfg.federation.mode == "federated",
                f"secure aggregation needs federation.mode = federated (got {cfg.federation.mode})")
-        _check(not cfg.client_dp.enabled, "secure aggregation with client-level DP (distributed DP) is not "
-               "available yet; turn off client_dp or secagg")
+        if cfg.client_dp.enabled:  # distributed DP: the clients add discrete Gaussian noise
+            c = cfg.client_dp
+            _check(c.sample_rate == 1, "distributed DP (client_dp with secagg) does not credit client sampling; set "
+                   f"client_dp.sample_rate = 1 (got {c.sample_rate})")
+            _check(c.accountant == "rdp", "distributed DP is accounted by a Rényi-DP bound; set client_dp.accountant "
+                   f"= \"rdp\" (got {c.accountant!r})")
+            _check(c.min_clients == 0 or 3 <= c.min_clients <= cfg.num_clients,
+                   f"client_dp.min_clients must be 0 (all) or in 3..{cfg.num_clients} (got {c.min_clients})")
         _check(cfg.clients_per_round >= 3, f"secure aggregation needs at least 3 clients per round (got "
                f"{cfg.clients_per_round}): with 2, each could subtract its own update from the sum")
         _check(8 <= g.bits <= 32, f"secagg.bits must be in 8..32 (got {g.bits})")

@@ -73,9 +73,11 @@ def _client_level(run_dir: Path) -> dict | None:
     if not ledger.path.exists():
         return None
     plan, spends = ledger.plan() or {}, ledger.spends()
-    keys = ("unit", "covers", "not_covered", "noise_multiplier", "sample_rate", "clip_norm", "delta", "accountant", "budget")
+    keys = ("unit", "covers", "not_covered", "noise_multiplier", "sample_rate", "clip_norm", "delta", "accountant", "budget",
+            "mechanism")
     return {**{k: plan.get(k) for k in keys}, "epsilon": spends[-1]["epsilon"] if spends else 0.0,
-            "rounds": len(spends), "ledger": str(ledger.path.relative_to(run_dir))}
+            "rounds": len(spends), "ledger": str(ledger.path.relative_to(run_dir)),
+            "distributed": bool(plan.get("ddg")), "clients_in_sum": [e.get("clients_in_sum") for e in spends]}
 
 
 def _plot(s: dict, path: Path) -> None:
@@ -169,11 +171,18 @@ def render(s: dict) -> str:
                   "updates reveal about any record."]
     cl = s.get("client_level")
     if cl:
-        lines += ["", "### Client-level DP (DP-FedAvg)", "",
+        if cl.get("distributed"):
+            title, noise = ("Client-level DP, distributed (the clients add the noise under SecAgg+)",
+                            f"discrete Gaussian noise from each client, together at least σ = "
+                            f"{_fmt(cl['noise_multiplier'], 3)} on the sum; clients in each round's sum: "
+                            f"{', '.join(str(n) for n in cl['clients_in_sum']) or '–'}")
+        else:
+            title, noise = "Client-level DP (DP-FedAvg)", f"noise σ = {_fmt(cl['noise_multiplier'], 3)} on the sum"
+        lines += ["", f"### {title}", "",
                   f"- **Unit protected:** {cl['unit']}.",
                   f"- **Guarantee:** ε = {_fmt(cl['epsilon'])} at δ = {cl['delta']:g} after {cl['rounds']} round(s) "
                   f"({cl['accountant'].upper()}; budget {_fmt(cl['budget'])}): client sampling q = {_fmt(cl['sample_rate'], 3)}, "
-                  f"update clip C = {cl['clip_norm']:g}, noise σ = {_fmt(cl['noise_multiplier'], 3)} on the sum.",
+                  f"update clip C = {cl['clip_norm']:g}, {noise}.",
                   f"- **Covers:** {cl['covers']}.", f"- **Not covered:** {cl['not_covered']}.",
                   f"- The server's spends are in `{cl['ledger']}`. Check everything with `fedtune audit --verify`."]
     comparison = s.get("comparison")

@@ -68,30 +68,65 @@ def main(grid: Grid, context: Context) -> None:
     write_summary(run_dir)
 
 
-def client_level(cfg: config_mod.Config, run_dir: Path):
-    """The server's client-level DP plan, fixed in its ledger before the first round."""
+def client_level(cfg: config_mod.Config, run_dir: Path, dim: int):
+    """The server's client-level DP plan, fixed in its ledger before the first round; with
+    secure aggregation also the distributed-DP parameters every client derives too."""
     from fedtune.privacy import Ledger, Plan
-    from fedtune.privacy.client_level import COVERS, NOT_COVERED, UNIT, make_server_plan
+    from fedtune.privacy import client_level as central
+    from fedtune.privacy import distributed
 
     ledger = Ledger(server_ledger_path(run_dir))
     entry = ledger.plan()
     if entry is not None:
-        return ledger, Plan.from_entry(entry)
-    plan = make_server_plan(cfg)
-    ledger.append({**plan.to_entry(), "client": "server", "mechanism": "DP-FedAvg (Gaussian, Poisson client sampling)",
-                   "unit": UNIT, "covers": COVERS, "not_covered": NOT_COVERED, "time": now()})
-    return ledger, plan
+        ddg = distributed.DDGPlan.from_dict(entry["ddg"]) if entry.get("ddg") else None
+        return ledger, Plan.from_entry(entry), ddg
+    plan = central.make_server_plan(cfg)
+    if cfg.secagg.enabled:
+        ddg = distributed.plan_for(cfg, dim, plan.noise_multiplier)
+        about = {"mechanism": distributed.MECHANISM, "unit": distributed.UNIT, "covers": distributed.COVERS,
+                 "not_covered": distributed.NOT_COVERED, "ddg": ddg.to_dict()}
+    else:
+        ddg = None
+        about = {"mechanism": "DP-FedAvg (Gaussian, Poisson client sampling)", "unit": central.UNIT,
+                 "covers": central.COVERS, "not_covered": central.NOT_COVERED}
+    ledger.append({**plan.to_entry(), "client": "server", **about, "time": now()})
+    return ledger, plan, ddg
+
+
+def distributed_spend(ledger, plan, ddg, round_: int, sampled: int):
+    """``before_unmask`` for distributed DP: abort with too few clients' noise in the sum or
+    over budget; otherwise write this round's spend (for the clients actually in the sum)
+    to the server ledger, durably, before anything is unmasked."""
+    from fedtune.privacy import epsilon
+    from fedtune.privacy.distributed import tau
+
+    def check(included: list[int]) -> str:
+        n = len(included)
+        if n < ddg.min_clients:
+            return (f"distributed DP: only {n} clients' noise is in the sum, {ddg.min_clients} needed "
+                    "(client_dp.min_clients); nothing was unmasked")
+        sigma = ddg.noise_multiplier(n)
+        spent = epsilon(ledger.history() + [(sigma, 1.0, 1)], plan.delta, plan.accountant)
+        if spent > plan.budget:
+            return f"distributed DP: this round would raise ε to {spent:.3f}, above the budget {plan.budget:g}"
+        ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": sampled, "accepted": n,
+                       "clients_in_sum": n, "sample_rate": 1.0, "noise_multiplier": sigma, "clip_norm": plan.clip_norm,
+                       "delta": plan.delta, "accountant": plan.accountant, "epsilon": spent, "mechanism": "ddg",
+                       "local_stddev": ddg.local_stddev, "tau": tau(n, ddg.local_stddev), "time": now()})
+        return ""
+
+    return check
 
 
 def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayRecord, messages, timeout: float,
-                 strategy: AdapterFedAvg) -> tuple[ArrayRecord | None, list[Outcome], dict]:
+                 strategy: AdapterFedAvg, ddg=None, before_unmask=None) -> tuple[ArrayRecord | None, list[Outcome], dict]:
     """A training round under SecAgg+ with the clients the strategy sampled."""
     from fedtune.secagg.flower import Encoding, secure_train
 
     nodes = sorted(m.metadata.dst_node_id for m in messages)
     g = cfg.secagg
-    sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes)),
-                       g.degree, g.threshold, timeout)
+    sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes), ddg=ddg),
+                       g.degree, g.threshold, timeout, before_unmask)
     outcomes = []
     for node in nodes:
         reply = sec.replies.get(node)
@@ -133,9 +168,9 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     initial = initial_adapter(cfg, model_path)
     update_run_file(run_dir, model_path=model_path, adapter_parameters=sum(v.numel() for v in initial.values()))
     template = {k: tuple(v.shape) for k, v in initial.items()}
-    server_ledger = None
+    server_ledger = ddg = None
     if cfg.client_dp.enabled:
-        server_ledger, server_plan = client_level(cfg, run_dir)
+        server_ledger, server_plan, ddg = client_level(cfg, run_dir, sum(v.numel() for v in initial.values()))
         strategy = ClientDPFedAvg(num_clients=cfg.num_clients, template=template, plan=server_plan,
                                   sampler=Sampler(cfg.privacy.seed if cfg.privacy.seed >= 0 else None))
     else:
@@ -174,7 +209,10 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         messages = strategy.configure_train(round_, arrays, ConfigRecord(), grid)
         secure_info = {}
         if cfg.secagg.enabled:  # the same clients, but the server only learns their sum
-            new_arrays, outcomes, secure_info = secure_round(grid, cfg, round_, arrays, messages, timeout, strategy)
+            spend = (distributed_spend(server_ledger, server_plan, ddg, round_, len(strategy.sampled))
+                     if ddg is not None else None)
+            new_arrays, outcomes, secure_info = secure_round(grid, cfg, round_, arrays, messages, timeout, strategy,
+                                                             ddg, spend)
         else:
             new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
             outcomes = list(strategy.outcomes)
@@ -182,7 +220,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
-        if server_ledger is not None:  # recorded before the noisy model is saved or sent
+        if server_ledger is not None and ddg is None:  # recorded before the noisy model is saved or sent
             history = server_ledger.history() + [server_plan.round_history]
             server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),
                                   "accepted": sum(o.status == "ok" for o in outcomes),

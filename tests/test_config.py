@@ -40,7 +40,11 @@ def test_round_trip_through_flowers_flat_run_config():
     ({"secagg.enabled": True, "secagg.bits": 40}, "secagg.bits must be in 8..32"),
     ({"secagg.enabled": True, "secagg.degree": 5}, "secagg.degree must be even"),
     ({"secagg.enabled": True, "federation.mode": "local"}, "secure aggregation needs federation.mode = federated"),
-    ({"secagg.enabled": True, "client_dp.enabled": True}, "distributed DP"),
+    ({"secagg.enabled": True, "client_dp.enabled": True, "client_dp.sample_rate": 0.5},
+     "does not credit client sampling; set client_dp.sample_rate = 1"),
+    ({"secagg.enabled": True, "client_dp.enabled": True, "client_dp.accountant": "prv"}, "set client_dp.accountant"),
+    ({"secagg.enabled": True, "client_dp.enabled": True, "client_dp.min_clients": 2}, "client_dp.min_clients must be"),
+    ({"client_dp.enabled": True, "client_dp.min_clients": 3}, "applies to distributed DP only"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(FedtuneError, match=message):

@@ -99,7 +99,7 @@ def test_secure_round_equals_the_plain_weighted_average(tmp_path, task_identity,
     _close(sec.arrays, plain, cfg, len(NODES))
     # The server saw no example count and no loss, only masked field elements and keys.
     for stage, node, reply in grid.seen:
-        assert set(reply.content.metric_records.get("metrics", {})) <= set(REVEALED_UNDER_SECAGG) | {"upload-bytes"}
+        assert set(reply.content.metric_records.get("metrics", {})) <= set(REVEALED_UNDER_SECAGG) | {"upload-bytes", "secagg-seconds"}
         if stage == "collect":
             masked = reply.content["masked"]["masked"].numpy()
             assert masked.dtype == np.uint8 and "arrays" not in reply.content.array_records

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon_independent
+from fedtune.privacy.distributed import DDGPlan
 from fedtune.privacy.ledger import Ledger
 from fedtune.runfolder import (
     RUN_FILE, atomic_write_bytes, atomic_write_text, is_run_dir, read_jsonl, server_ledger_path, write_json,
@@ -59,10 +60,19 @@ def _verify(name: str, ledger: Ledger, entries: list[dict], heads: dict[tuple[st
         if plan.get("calibrated") and eps_planned > plan["target_epsilon"] * (1 + RDP_TOLERANCE) + 1e-9:
             problems.append(f"{ledger.path}:{plan_line}: σ={plan['noise_multiplier']:.4g} gives ε={eps_planned:.4f} "
                             f"over the planned {plan['planned_rounds']} rounds, above the target {plan['target_epsilon']:g}")
+    ddg = DDGPlan.from_dict(plan["ddg"]) if plan.get("ddg") else None
     history = []
     for line, e in enumerate(entries, 1):
         if e["type"] != "spend":
             continue
+        if ddg is not None:  # distributed DP: σ_eff must follow from the noise of the clients in the sum
+            n = int(e.get("clients_in_sum", 0))
+            if n < ddg.min_clients:
+                problems.append(f"{ledger.path}:{line}: round {e['round']} released a sum of {n} clients' noise, "
+                                f"fewer than the plan's min_clients={ddg.min_clients}")
+            elif abs(ddg.noise_multiplier(n) / e["noise_multiplier"] - 1) > 1e-9:
+                problems.append(f"{ledger.path}:{line}: recorded σ_eff {e['noise_multiplier']:.6g} for {n} clients, but "
+                                f"the plan's noise gives {ddg.noise_multiplier(n):.6g}")
         history.append((e["noise_multiplier"], e["sample_rate"], e["steps"]))
         if e.get("dp", True):
             again = epsilon_independent(history, e["delta"], e["accountant"])

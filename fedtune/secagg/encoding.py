@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtune.errors import FedtuneError
+from fedtune.privacy.distributed import DDGPlan, privatize
 from fedtune.secagg.crypto import expand
 
 MAX_BITS = 48  # precision per value: float64 holds the scaled value and a 32-bit rounding fraction
@@ -213,3 +214,31 @@ def unpack(data: bytes, bits: int, count: int) -> np.ndarray:
 def _check_bits(bits: int) -> None:
     if not 1 <= bits <= MAX_FIELD_BITS:
         raise FedtuneError(f"secure aggregation: packing supports 1..{MAX_FIELD_BITS} bits, not {bits}")
+
+
+@dataclass(frozen=True)
+class DistributedGaussian:
+    """Distributed DP: a client sends its clipped, rounded update plus its own discrete
+    Gaussian noise (fedtune.privacy.distributed), mod 2^m. All clients weigh the same and
+    the server divides the sum by the plan's fixed denominator."""
+
+    plan: DDGPlan
+
+    @property
+    def field_bits(self) -> int:
+        return self.plan.field_bits
+
+    def length(self, size: int) -> int:
+        return size
+
+    def encode(self, update: np.ndarray, weight: float) -> np.ndarray:
+        """``weight`` is not sent: every client counts once (a refusing client sends a zero update)."""
+        ints = privatize(update, self.plan)
+        return (ints & np.int64((1 << self.field_bits) - 1)).astype(field_dtype(self.field_bits))
+
+    def decode(self, total: np.ndarray, count: int) -> tuple[np.ndarray, float]:
+        """(γ · the centred sum, the fixed denominator)."""
+        m = self.field_bits
+        v = np.asarray(total).astype(np.int64)
+        v[v >= (1 << (m - 1))] -= np.int64(1 << m)
+        return v.astype(np.float64) * self.plan.gamma, self.plan.denominator

@@ -29,7 +29,8 @@ from flwr.common.logger import log
 
 from fedtune.errors import FedtuneError
 from fedtune.secagg.client import SecAggClient
-from fedtune.secagg.encoding import FixedPoint, WeightedFixedPoint
+from fedtune.privacy.distributed import DDGPlan
+from fedtune.secagg.encoding import DistributedGaussian, FixedPoint, WeightedFixedPoint
 from fedtune.secagg.protocol import SecAggAborted, SecAggError, SecAggParams, Stage
 from fedtune.secagg.server import SecAggServer
 
@@ -85,14 +86,18 @@ def from_record(record: ConfigRecord) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Encoding:
-    """How updates become field elements; public, sent with the setup."""
+    """How updates become field elements; public, sent with the setup. With ``ddg`` set
+    (client-level DP under secure aggregation) each client adds its own noise."""
 
     bits: int
     clip: float
     max_weight: float
     n_max: int
+    ddg: DDGPlan | None = None
 
-    def coder(self) -> WeightedFixedPoint:
+    def coder(self) -> WeightedFixedPoint | DistributedGaussian:
+        if self.ddg is not None:
+            return DistributedGaussian(self.ddg)
         return WeightedFixedPoint(FixedPoint(self.clip, self.bits, self.n_max), self.max_weight)
 
     def to_json(self) -> str:
@@ -102,9 +107,10 @@ class Encoding:
     def from_json(cls, text: str) -> Encoding:
         try:
             d = json.loads(text)
-            return cls(int(d["bits"]), float(d["clip"]), float(d["max_weight"]), int(d["n_max"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise SecAggError(f"secure aggregation: malformed encoding ({e!r})") from None
+            ddg = DDGPlan.from_dict(d["ddg"]) if d.get("ddg") else None
+            return cls(int(d["bits"]), float(d["clip"]), float(d["max_weight"]), int(d["n_max"]), ddg)
+        except (KeyError, TypeError, ValueError, FedtuneError) as e:
+            raise SecAggError(f"secure aggregation: malformed encoding ({e})") from None
 
 
 def flatten(arrays: dict[str, np.ndarray], keys: list[str]) -> np.ndarray:
@@ -161,8 +167,13 @@ def _bytes_of(msg: Message) -> int:
 
 
 def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
-                 degree: int, threshold: int, timeout: float) -> SecureRound:
-    """One training round of ``nodes`` under SecAgg+; never raises for a client's fault."""
+                 degree: int, threshold: int, timeout: float,
+                 before_unmask: Callable[[list[int]], str] | None = None) -> SecureRound:
+    """One training round of ``nodes`` under SecAgg+; never raises for a client's fault.
+
+    ``before_unmask(included)`` runs once the inputs in the sum are fixed, before anything is
+    unmasked; a non-empty answer aborts the round (distributed DP: too few clients' noise,
+    or over budget; its spend is written there, durably, before the release)."""
     keys = list(arrays.keys())
     old = {k: arrays[k].numpy() for k in keys}
     size = sum(v.size for v in old.values())
@@ -210,6 +221,9 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
             else:
                 inputs[n] = {}  # rejected by the server: no masked input
         server.receive_collect(inputs)
+        reason = before_unmask(sorted(server.active)) if before_unmask is not None else ""
+        if reason:
+            raise SecAggAborted(reason)
 
         ok = stage(Stage.UNMASK, {n: RecordDict({"config": config(Stage.UNMASK, m)})
                                   for n, m in server.unmask_requests().items()})
@@ -265,8 +279,10 @@ def _load(context: Context, stage: Stage) -> SecAggClient:
     return SecAggClient.from_bytes(record["blob"])
 
 
-def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message]) -> Message:
-    """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect."""
+def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message],
+                 check: Callable[[Encoding], None] | None = None) -> Message:
+    """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect;
+    ``check`` vets the server's encoding at setup (raising to refuse the round)."""
     config = msg.content["config"]
     try:
         stage = Stage(str(config[STAGE]))
@@ -277,9 +293,11 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
         body = from_record(config)
         client = SecAggClient(me, {k: body.get(k) for k in ("round", "field_bits", "length", "degree", "threshold",
                                                             "client_ids", "graph_seed")})
+        encoding = Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now
+        if check is not None:
+            check(encoding)
         reply = client.advertise_keys()
         _save(context, client)
-        Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now rather than later
         context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
         return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
     client = _load(context, stage)
@@ -294,20 +312,23 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
             return update
         global_arrays = msg.content["arrays"]
         keys = list(global_arrays.keys())
-        coder = Encoding.from_json(context.state.config_records[ENCODING]["json"]).coder()
+        encoding = Encoding.from_json(context.state.config_records[ENCODING]["json"])
+        coder = encoding.coder()
         if update.state is None:  # refused: take part with nothing (weight 0) so the round holds
             delta, weight = np.zeros(client.setup.params.length - 1), 0.0
         else:
             delta = flatten(update.state, keys) - flatten({k: global_arrays[k].numpy() for k in keys}, keys)
             weight = update.weight
-            clipped = int((np.abs(delta) > coder.fixed_point.clip).sum())
+            clipped = int((np.abs(delta) > coder.fixed_point.clip).sum()) if encoding.ddg is None else 0
             if clipped:
                 log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
                     "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
+        t0 = time.perf_counter()
         reply = client.masked_input(coder.encode(delta, weight))
+        seconds = time.perf_counter() - t0  # encoding (and noise) plus masking: this client's own cost
         _save(context, client)
         packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
-        metrics = {**update.metrics, "upload-bytes": int(packed.size)}
+        metrics = {**update.metrics, "upload-bytes": int(packed.size), "secagg-seconds": seconds}
         return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
                                    "client": ConfigRecord(update.client)}), reply_to=msg)
     if stage is Stage.UNMASK:
