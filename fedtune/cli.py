@@ -170,7 +170,8 @@ def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:
     dp = f"DP-SGD ε={p.epsilon:g} δ={p.delta:g} ({p.accountant})" if p.dp else "no DP"
     if cfg.client_dp.enabled:
         c = cfg.client_dp
-        dp += f", client-level DP-FedAvg ε={c.epsilon:g} δ={c.delta:g} q={c.sample_rate:g}"
+        how = "distributed DP (noise from the clients, under SecAgg+)" if cfg.secagg.enabled else "DP-FedAvg"
+        dp += f", client-level {how} ε={c.epsilon:g} δ={c.delta:g} q={c.sample_rate:g}"
     clients = ", ".join(f"{name} {tr}/{ho}" for name, (tr, ho) in sizes.items())
     print(f"fedtune: {cfg.federation.mode}, {cfg.federation.rounds} round(s), {cfg.model.name}, {dp}", file=sys.stderr)
     print(f"fedtune: train/held-out records: {clients}", file=sys.stderr)
