@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -182,10 +182,10 @@ def check_client_key(path: str | Path) -> None:
     data = _read(path, "client private key", "key (client config)")
     try:
         key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise FedtuneError(f"client private key {path} is not an unencrypted OpenSSH or PEM private key; "
                                "make one with `fedtune keys NAME`") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
@@ -197,7 +197,7 @@ def check_public_key(path: str | Path) -> None:
     data = _read(path, "client public key", "the key file")
     try:
         key = serialization.load_ssh_public_key(data)
-    except (ValueError, serialization.UnsupportedAlgorithm):
+    except (ValueError, UnsupportedAlgorithm):
         raise FedtuneError(f"{path} is not an OpenSSH public key; use the .pub file `fedtune keys` wrote") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise FedtuneError(f"{path} is not an EC public key (P-384); make the key pair with `fedtune keys NAME`")

@@ -7,6 +7,7 @@ SuperNode retrying forever. TLS and SuperNode authentication are on unless ``--i
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import subprocess
@@ -154,7 +155,12 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
     d = config_mod.Config().data
-    load_records(s.data, d.text_field, d.prompt_field, d.completion_field)  # FedtuneError names the problem
+    quiet = logging.getLogger("datasets")  # it logs a traceback for a malformed file; our one line says it
+    level, quiet.level = quiet.level, logging.CRITICAL + 1
+    try:
+        load_records(s.data, d.text_field, d.prompt_field, d.completion_field)  # FedtuneError names the problem
+    finally:
+        quiet.setLevel(level)
     check_port("127.0.0.1", s.port, "the client's local ClientApp")
 
 
