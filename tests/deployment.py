@@ -58,11 +58,12 @@ class Federation:
         for name in clients:
             self.client_config(name, budget=budget)
 
-    def client_config(self, name: str, insecure_port: int | None = None, **changes) -> Path:
-        c = {"name": name, "superlink": f"localhost:{self.port}", "ca": "certs/ca.crt", "key": f"keys/{name}",
-             "data": f"data/{name}.jsonl", "budget": 8.0, "state": f"state/{name}", "port": free_port(),
+    def client_config(self, label: str, **changes) -> Path:
+        """``<label>.toml``: client ``label`` with its own key, data and state, then ``changes``."""
+        c = {"name": label, "superlink": f"localhost:{self.port}", "ca": "certs/ca.crt", "key": f"keys/{label}",
+             "data": f"data/{label}.jsonl", "budget": 8.0, "state": f"state/{label}", "port": free_port(),
              "allow_seeded": True, **changes}
-        path = self.root / f"{name}.toml"
+        path = self.root / f"{label}.toml"
         path.write_text(_toml({"client": c}))
         return path
 
@@ -89,14 +90,26 @@ class Federation:
 
     def kill(self, label: str, sig: int = signal.SIGKILL) -> None:
         """Kill a command with everything it started (its process group)."""
+        import psutil
+
         proc = self.procs.pop(label, None)
         if proc is None:
             return
+        try:  # Flower starts its SuperExec in a session of its own: kill the whole tree too
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             pass
+        for p in tree:
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
         proc.wait(timeout=30)
+        psutil.wait_procs(tree, timeout=30)
 
     def stop_all(self) -> None:
         for label in list(self.procs):

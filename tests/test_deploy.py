@@ -197,3 +197,28 @@ def test_the_clients_budget_overrides_the_servers_and_seeded_runs_are_refused(fe
     with pytest.raises(FedtuneError, match="not a plain folder name"):
         node.run_dir(tiny_config(run={"name": "../../etc"}))
     assert from_node_config({"partition-id": 0}) is None  # simulation
+
+
+def test_after_every_client_joined_a_round_goes_ahead_without_a_dead_one(task_identity):
+    """Flower's FedAvg waits until its minimum of nodes is connected; once the run started,
+    one dead client must not stall every later round."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedtune.server import tolerate_dropouts
+    from fedtune.strategy import AdapterFedAvg
+
+    class Grid:  # 3 of the 4 clients still connected
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            from flwr.app import Message
+
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    strategy = AdapterFedAvg(num_clients=4, clients_per_round=4, template={})
+    tolerate_dropouts(strategy)
+    arrays = ArrayRecord([np.zeros(2)])
+    assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), Grid())) == [1, 2, 3]
+    assert len(list(strategy.configure_evaluate(2, arrays, ConfigRecord(), Grid()))) == 3
