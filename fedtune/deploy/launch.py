@@ -189,6 +189,23 @@ def start_client(path: str, insecure: bool) -> int:
 
 
 # ---- a run ------------------------------------------------------------------------------
+def _wait_for_server(address: str, timeout: float = 60.0) -> None:
+    """A server started a moment ago may not listen yet: wait a little before giving up."""
+    from fedtune.simulate import RunFailed
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RunFailed(f"no server answers at {address} after {timeout:.0f} s; start it with "
+                                "`fedtune server start`") from None
+            time.sleep(1.0)
+
+
 def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | None = None,
         poll: float = 2.0) -> Path:
     """Submit the federation's run to the server and follow it to its end; the run folder."""
@@ -212,6 +229,7 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
         warn_insecure()
     atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
     update_run_file(run_dir, status="submitted", deployment=s.address)
+    _wait_for_server(s.address)
     with tempfile.TemporaryDirectory(prefix="fedtune-flwr-") as home:
         control = Control(Path(home), s.address, ca)
         run_id = control.submit(app_dir(), run_dir / "config.toml")
