@@ -25,8 +25,7 @@ from fedtune.deploy.settings import ClientSettings, load_client, load_server, no
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_text, is_run_dir, new_run_dir, read_json, update_run_file
 
-SUPERNODE_REJECTED = 305  # Flower's exit code when the SuperLink refuses the SuperNode's connection
-REJECTED_RETRY_S = 30.0  # retry that long: keys are registered just after the server starts
+REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
                     "read the updates and join the federation. Use it only on a trusted test network.")
 
@@ -190,12 +189,13 @@ def start_client(path: str, insecure: bool) -> int:
     while True:
         proc = subprocess.Popen(cmd, env=env, cwd=s.state, stdin=subprocess.DEVNULL)
         code = _supervise(proc)
-        if code != SUPERNODE_REJECTED or time.monotonic() > deadline:
+        if code == 0 or code >= 128 or time.monotonic() > deadline:  # done, signalled, or not a start-up refusal
             break
         time.sleep(5.0)  # a server that just started may not have registered our key yet
-    if code == SUPERNODE_REJECTED:
-        print(f"fedtune: the server at {s.superlink} refused client {s.name}: its key is not registered (send "
-              f"{s.key}.pub to the server operator) or TLS does not match (--insecure on one side only)", file=sys.stderr)
+    if 0 < code < 128:
+        print(f"fedtune: client {s.name} stopped (the SuperNode exited with code {code}); if the server at "
+              f"{s.superlink} refused it, its key is not registered (send {s.key}.pub to the server operator) or "
+              "TLS does not match (--insecure on one side only)", file=sys.stderr)
     return code
 
 
