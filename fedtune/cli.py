@@ -246,15 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _audit_parser(sub)
+    from fedtune.deploy.cli import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from fedtune.simulate import RunFailed
 
+    from fedtune.deploy.cli import COMMANDS
+
     args = build_parser().parse_args(argv)
     try:
-        return {"simulate": cmd_simulate, "audit": cmd_audit}[args.command](args)
+        return {"simulate": cmd_simulate, "audit": cmd_audit, **COMMANDS}[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2

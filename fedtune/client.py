@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 
 from fedtune import config as config_mod
 from fedtune.data import TokenizedData, client_examples, client_name
+from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.model import (
     add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
@@ -89,6 +90,9 @@ def _model(cfg: config_mod.Config) -> _Model:
 
 def setup(context: Context) -> ClientSetup:
     cfg = config_from_context(context)
+    node = deployed_node(context.node_config)  # a deployed client's own settings; None in simulation
+    if node is not None:
+        return _deployed_setup(local_config(cfg, node), node)
     index = int(context.node_config.get("partition-id", 0))
     partitions = context.node_config.get("num-partitions")
     if partitions is not None and int(partitions) != cfg.num_clients:
@@ -104,6 +108,16 @@ def setup(context: Context) -> ClientSetup:
         _DATA[key] = client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index))
     train, heldout = _DATA[key]
     return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir)
+
+
+def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
+    """Deployment: the operator's data file, budget and state folder (fedtune.deploy.node)."""
+    m = _model(cfg)
+    key = ("deployed", node.data_file, cfg.data, cfg.run.seed, cfg.model.max_length, m.path)
+    if key not in _DATA:
+        _DATA[key] = local_examples(cfg, node, m.tokenizer)
+    train, heldout = _DATA[key]
+    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg))
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:

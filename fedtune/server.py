@@ -50,6 +50,12 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
+def tolerate_dropouts(strategy) -> None:
+    """Every client joined; from now on a round goes ahead with the clients still connected
+    (Flower's strategies otherwise wait for all of them, so one dead client stalls the run)."""
+    strategy.min_available_nodes = strategy.min_train_nodes = strategy.min_evaluate_nodes = 1
+
+
 def main(grid: Grid, context: Context) -> None:
     """The ServerApp's main: one federated run, recorded in its run folder."""
     cfg = config_mod.from_flat(dict(context.run_config))
@@ -177,6 +183,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         strategy = AdapterFedAvg(num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
                                  template=template, local=cfg.federation.mode == "local")
     wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
+    tolerate_dropouts(strategy)
     timeout = cfg.federation.round_timeout
     arrays = ArrayRecord(initial)
 

@@ -1,0 +1,224 @@
+"""Deployment commands fail at start-up with one line and exit 2 on bad input; certificates,
+keys and the client's own settings are what Flower and the operator need."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from fedtune import certs
+from fedtune.cli import main
+from fedtune.deploy import settings
+from fedtune.deploy.node import from_node_config, local_config
+from fedtune.errors import FedtuneError
+from tests.conftest import tiny_config
+from tests.deployment import _toml, free_port, write_data
+
+
+def _error(capsys, argv) -> str:
+    """Run the CLI in-process; it must exit 2 with one line on stderr and nothing else."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedtune: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def fed(tmp_path):
+    """A server and one client folder with valid certificates, keys, data and configs."""
+    certs.make_certs(tmp_path / "certs", ["localhost", "127.0.0.1"])
+    certs.make_client_key(tmp_path / "keys", "clinic-a")
+    write_data(tmp_path / "data" / "clinic-a.jsonl", [{"text": f"record {i}"} for i in range(10)])
+    server = {"host": "127.0.0.1", "port": free_port(), "names": ["localhost"], "certs": "certs", "keys": "keys",
+              "state": "state/server", "output": "runs"}
+    client = {"name": "clinic-a", "superlink": "localhost:9092", "ca": "certs/ca.crt", "key": "keys/clinic-a",
+              "data": "data/clinic-a.jsonl", "budget": 3.0, "state": "state/clinic-a", "port": free_port()}
+    (tmp_path / "server.toml").write_text(_toml({"server": server, "federation": {"clients": 3}}))
+    (tmp_path / "client.toml").write_text(_toml({"client": client}))
+    return tmp_path, server, client
+
+
+def _rewrite(path, table, body):
+    path.write_text(_toml({table: body}))
+
+
+# ---- certificates and keys --------------------------------------------------------------
+def test_certs_name_the_hosts_and_chain_to_the_ca(tmp_path):
+    paths = certs.make_certs(tmp_path, ["fl.example.org", "10.0.0.5"])
+    certs.check_server_tls(paths["ca.crt"], paths["server.pem"], paths["server.key"], ["fl.example.org", "10.0.0.5"])
+    assert certs.cert_names(certs.load_certificate(paths["server.pem"], "", "")) == ["fl.example.org", "10.0.0.5"]
+    assert (paths["server.key"].stat().st_mode & 0o777) == 0o600
+    with pytest.raises(FedtuneError, match="does not name 'other.example.org'"):
+        certs.check_server_tls(paths["ca.crt"], paths["server.pem"], paths["server.key"], ["other.example.org"])
+    other = certs.make_certs(tmp_path / "other", ["fl.example.org"])
+    with pytest.raises(FedtuneError, match="was not signed by the CA"):
+        certs.check_server_tls(other["ca.crt"], paths["server.pem"], paths["server.key"], ["fl.example.org"])
+    with pytest.raises(FedtuneError, match="does not belong to the certificate"):
+        certs.check_server_tls(paths["ca.crt"], paths["server.pem"], other["server.key"], ["fl.example.org"])
+    with pytest.raises(FedtuneError, match="already exists"):
+        certs.make_certs(tmp_path, ["fl.example.org"])
+
+
+def test_client_keys_are_p384_openssh_as_flower_loads_them(tmp_path):
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    private, public = certs.make_client_key(tmp_path, "clinic-a")
+    assert private.read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (private.stat().st_mode & 0o777) == 0o600
+    assert try_load_public_key(public)  # Flower's own loader for `flwr supernode register`
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key(private.read_bytes(), None)
+    assert key.curve.name == "secp384r1" and uses_nist_ec_curve(key.public_key())
+
+
+def test_cli_certs_and_keys(tmp_path, capsys):
+    assert main(["certs", "--host", "localhost", "--out", str(tmp_path / "c")]) == 0
+    assert main(["keys", "a", "b", "--out", str(tmp_path / "k")]) == 0
+    assert sorted(p.name for p in (tmp_path / "k").iterdir()) == ["a", "a.pub", "b", "b.pub"]
+    capsys.readouterr()
+    assert "already exists" in _error(capsys, ["keys", "a", "--out", str(tmp_path / "k")])
+
+
+# ---- `fedtune server start`: checks before the SuperLink starts -------------------------
+def test_server_start_missing_certificate(fed, capsys):
+    root, _, _ = fed
+    (root / "certs" / "server.pem").unlink()
+    assert "server certificate" in _error(capsys, ["server", "start", str(root / "server.toml")])
+
+
+def test_server_start_certificate_without_the_servers_name(fed, capsys):
+    root, server, _ = fed
+    _rewrite(root / "server.toml", "server", {**server, "names": ["fl.example.org"]})
+    assert "does not name 'fl.example.org'" in _error(capsys, ["server", "start", str(root / "server.toml")])
+
+
+def test_server_start_wrong_certificate_path(fed, capsys):
+    root, server, _ = fed
+    _rewrite(root / "server.toml", "server", {**server, "certs": "no-such-folder"})
+    assert "no-such-folder" in _error(capsys, ["server", "start", str(root / "server.toml")])
+
+
+def test_server_start_port_in_use(fed, capsys):
+    root, server, _ = fed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", server["port"]))
+        s.listen()
+        assert "is not free" in _error(capsys, ["server", "start", str(root / "server.toml")])
+
+
+def test_server_start_bad_public_key_and_missing_config(fed, capsys):
+    root, _, _ = fed
+    (root / "keys" / "rogue.pub").write_text("ssh-rsa not-a-key\n")
+    assert "rogue.pub is not an OpenSSH public key" in _error(capsys, ["server", "start", str(root / "server.toml")])
+    assert "not found" in _error(capsys, ["server", "start", str(root / "nope.toml")])
+
+
+# ---- `fedtune client start`: checks before the SuperNode starts -------------------------
+def test_client_start_unreadable_key(fed, capsys):
+    root, _, _ = fed
+    (root / "keys" / "clinic-a").write_text("not a key\n")
+    assert "is not an unencrypted OpenSSH or PEM private key" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_start_missing_key_and_ca(fed, capsys):
+    root, _, client = fed
+    (root / "keys" / "clinic-a").unlink()
+    assert "client private key" in _error(capsys, ["client", "start", str(root / "client.toml")])
+    _rewrite(root / "client.toml", "client", {**client, "ca": "certs/missing.crt"})
+    assert "CA certificate" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_start_missing_data_file(fed, capsys):
+    root, _, _ = fed
+    (root / "data" / "clinic-a.jsonl").unlink()
+    assert "data file" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_start_malformed_data_file(fed, capsys):
+    root, _, _ = fed
+    (root / "data" / "clinic-a.jsonl").write_text('{"note": "no text column"}\n')
+    assert "needs 'text'" in _error(capsys, ["client", "start", str(root / "client.toml")])
+    (root / "data" / "clinic-a.jsonl").write_text('{"text": "ok"}\n{broken\n')
+    assert "could not be read" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_start_port_in_use(fed, capsys):
+    root, _, client = fed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", client["port"]))
+        s.listen()
+        assert "is not free" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_config_mistakes(fed, capsys):
+    root, _, client = fed
+    for change, message in [({"budget": 0.0}, "client.budget"), ({"superlink": "nohost"}, "host:port"),
+                            ({"name": "../x"}, "client.name"), ({"colour": "red"}, "unknown key client.colour"),
+                            ({"port": "9094"}, "client.port must be a int")]:
+        _rewrite(root / "client.toml", "client", {**client, **change})
+        assert message in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_client_command_is_secure_by_default(fed):
+    from fedtune.deploy.launch import client_command, server_command
+
+    root, _, _ = fed
+    cmd, _, s = client_command(str(root / "client.toml"), insecure=False)
+    assert "--insecure" not in cmd
+    assert cmd[cmd.index("--root-certificates") + 1] == s.ca and cmd[cmd.index("--auth-supernode-private-key") + 1] == s.key
+    cmd, _, _, keys = server_command(str(root / "server.toml"), insecure=False)
+    assert "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
+    assert "--insecure" not in cmd and [k.name for k in keys] == ["clinic-a.pub"]
+    assert "--insecure" in server_command(str(root / "server.toml"), insecure=True)[0]
+
+
+# ---- the client operator's settings win ---------------------------------------------------
+def test_node_config_round_trips_through_flowers_parser(fed):
+    from flwr.common.config import parse_config_args
+
+    root, _, _ = fed
+    s = settings.load_client(root / "client.toml")
+    parsed = parse_config_args([settings.node_config_arg(s)])
+    assert parsed == settings.node_config(s)
+    node = from_node_config(parsed)
+    assert node.budget == 3.0 and node.data_file == str(root / "data" / "clinic-a.jsonl")
+
+
+def test_the_clients_budget_overrides_the_servers_and_seeded_runs_are_refused(fed):
+    root, _, _ = fed
+    node = from_node_config(settings.node_config(settings.load_client(root / "client.toml")))
+    cfg = tiny_config(privacy={"budget": 100.0})  # a server asking for more
+    assert local_config(cfg, node).budget == 3.0
+    with pytest.raises(FedtuneError, match="refuses a run with seeded DP noise"):
+        local_config(tiny_config(privacy={"seed": 1}), node)
+    with pytest.raises(FedtuneError, match="not a plain folder name"):
+        node.run_dir(tiny_config(run={"name": "../../etc"}))
+    assert from_node_config({"partition-id": 0}) is None  # simulation
+
+
+def test_after_every_client_joined_a_round_goes_ahead_without_a_dead_one(task_identity):
+    """Flower's FedAvg waits until its minimum of nodes is connected; once the run started,
+    one dead client must not stall every later round."""
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedtune.server import tolerate_dropouts
+    from fedtune.strategy import AdapterFedAvg
+
+    class Grid:  # 3 of the 4 clients still connected
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+            from flwr.app import Message
+
+            return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    strategy = AdapterFedAvg(num_clients=4, clients_per_round=4, template={})
+    tolerate_dropouts(strategy)
+    arrays = ArrayRecord([np.zeros(2)])
+    assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), Grid())) == [1, 2, 3]
+    assert len(list(strategy.configure_evaluate(2, arrays, ConfigRecord(), Grid()))) == 3

@@ -1,0 +1,87 @@
+"""Deployment end to end on loopback: `fedtune server start` (a SuperLink with TLS and
+SuperNode authentication), four `fedtune client start` SuperNodes as separate processes,
+`fedtune run` with secure aggregation on the tiny model; one client is killed in round 2
+and the run still completes and passes `fedtune audit --verify`. A client whose key is
+not registered, and a client without TLS, are turned away."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from fedtune.runfolder import read_json, read_jsonl
+from tests.conftest import tiny_config
+from tests.deployment import Federation, cli, client_rows, wait_for, write_data
+
+pytestmark = pytest.mark.slow
+
+# SecAgg+ with 3 clients has 2 neighbours each and needs threshold 2 (> half), so one
+# dropout leaves too few shares and the round aborts safely; with 4 it survives.
+NAMES = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
+VICTIM = "clinic-d"
+RUN = {"run": {"name": "e2e"}, "model": {"name": "tiny-random-llama", "max_length": 256, "precision": "fp32"},
+       "train": {"local_steps": 3, "batch_size": 8, "learning_rate": 0.01, "threads": 1},
+       "data": {"max_eval_examples": 8}, "federation": {"clients": 4, "rounds": 2, "round_timeout": 600.0},
+       "secagg": {"enabled": True}}
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_path):
+    cfg = tiny_config(federation={"clients": len(NAMES)})
+    for i, name in enumerate(NAMES):
+        write_data(tmp_path / "data" / f"{name}.jsonl", client_rows(cfg, i))
+    write_data(tmp_path / "data" / "rogue.jsonl", client_rows(cfg, 0))
+    fed = Federation(tmp_path, NAMES + ["rogue"], RUN)
+    (tmp_path / "keys" / "rogue.pub").rename(tmp_path / "rogue.pub")  # never registered with the server
+    yield fed
+    fed.stop_all()
+
+
+def test_deployment_survives_a_killed_client_and_turns_away_strangers(federation):
+    fed = federation
+    fed.start_server()
+    assert "TLS, SuperNode authentication; 4 client key(s) registered" in fed.log("server")
+
+    rogue = fed.start_client("rogue")  # a valid key the server does not know
+    fed.client_config("plain", key="keys/clinic-a", data="data/clinic-a.jsonl")
+    plain = fed.start_client("plain", "--insecure")  # no TLS against a TLS server
+    wait_for(lambda: rogue.poll() is not None, 120, "the unregistered client to be turned away")
+    assert rogue.returncode == 1 and "Failed to activate SuperNode" in fed.log("rogue")
+    assert "its key is not registered" in fed.log("rogue")
+    assert "WARNING: --insecure" in fed.log("plain")
+
+    for name in NAMES:
+        fed.start_client(name)
+    runner = fed.start("run", "run", str(fed.root / "server.toml"))
+    wait_for(lambda: (fed.root / "runs").exists() and any((fed.root / "runs").iterdir()), 120, "the run folder")
+    run_dir = fed.run_dir()
+
+    victim_ledger = fed.root / "state" / VICTIM / "runs" / run_dir.name / "clients" / VICTIM / "ledger.jsonl"
+    wait_for(lambda: any(e.get("round") == 2 and e["type"] == "spend" for e in read_jsonl(victim_ledger)),
+             900, f"{VICTIM} to spend on round 2")
+    fed.kill(VICTIM)  # mid-round: its spend is on disk, its masked update may not have left
+    wait_for(lambda: runner.poll() is not None, 900, "the run to end")
+    assert runner.returncode == 0, fed.log("run") + fed.log("server")[-3000:]
+    assert plain.poll() is None or plain.returncode != 0  # still knocking, or gave up: never joined
+
+    assert read_json(run_dir / "run.json")["status"] == "completed"
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train = {(r["round"], r["client"]): r for r in rows if r["phase"] == "train"}
+    assert {c for (_, c) in train} == set(NAMES)  # the rogue and the plain client never took part
+    assert all(train[(1, c)]["status"] == "ok" for c in NAMES)
+    assert all(train[(2, c)]["status"] == "ok" for c in NAMES if c != VICTIM)
+    round2 = next(r for r in rows if r["phase"] == "round" and r["round"] == 2)
+    assert not round2["secagg-aborted"]
+    assert round2["secagg-included"] == (3 if train[(2, VICTIM)]["status"] == "failed" else 4)
+    assert (run_dir / "adapters" / "round-002" / "adapter_model.safetensors").exists()
+
+    # The ledgers stayed on the clients; for the audit each operator hands over its ledger.
+    for name in NAMES:
+        ledger = fed.root / "state" / name / "runs" / run_dir.name / "clients" / name / "ledger.jsonl"
+        (run_dir / "clients" / name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ledger, run_dir / "clients" / name / "ledger.jsonl")
+    audit = subprocess.run(cli("audit", str(run_dir), "--verify"), capture_output=True, text=True, env=fed.env,
+                           timeout=300)
+    assert audit.returncode == 0 and "verification passed" in audit.stdout, audit.stdout + audit.stderr
