@@ -2,13 +2,14 @@
 stay on the client, and the optional server optimizer applied to the averaged update.
 
 LoRA's update is ΔW = B·A. Averaging A and B separately (``fedavg``) is not the average
-of the clients' B_i·A_i. Two exact alternatives:
+of the clients' B_i·A_i. Two alternatives:
 
 - ``ffa`` (FFA-LoRA, Sun et al., ICLR 2024): A stays at its random init (the same on every
   client and the server: ``add_lora`` draws it from ``run.seed``), only B is trained and
-  sent, so mean_i(B_i)·A = mean_i(B_i·A) exactly; half the upload.
+  sent, so mean_i(B_i)·A = mean_i(B_i·A) exactly; only B is uploaded.
 - ``fedsa`` (FedSA-LoRA, Guo et al., ICLR 2025): A is shared and averaged, B stays on the
-  client between rounds (its own personalization); only A is sent.
+  client between rounds (its own personalization); only A is sent. There is no global
+  B·A: client i uses B_i·mean(A).
 
 Every method sends a weighted *linear* average of what it sends, so all three work with
 secure aggregation (the server needs only the sum) and with client-level DP (clip and
@@ -26,7 +27,7 @@ import numpy as np
 class Method:
     sends: str  # the LoRA factor(s) whose tensors travel: "lora_A", "lora_B" or "" (both)
     trains_a: bool  # A has gradients (false: frozen at its seeded init)
-    exact: bool  # the aggregate equals the average of the clients' B·A updates
+    exact: bool  # the global B·A equals the average of the clients' B·A (fedsa: no global B·A)
     secagg: bool  # a linear sum of what clients send: works with secure aggregation
     client_dp: bool  # works with client-level DP (clip + noise on what is sent)
 
@@ -34,7 +35,7 @@ class Method:
 METHODS = {
     "fedavg": Method(sends="", trains_a=True, exact=False, secagg=True, client_dp=True),
     "ffa": Method(sends="lora_B", trains_a=False, exact=True, secagg=True, client_dp=True),
-    "fedsa": Method(sends="lora_A", trains_a=True, exact=True, secagg=True, client_dp=True),
+    "fedsa": Method(sends="lora_A", trains_a=True, exact=False, secagg=True, client_dp=True),
 }
 # The optimizers' defaults are Flower's (FedAvgM, FedAdam, FedYogi).
 SERVER_OPTIMIZERS = {"none": 1.0, "avgm": 1.0, "adam": 0.1, "yogi": 0.01}
