@@ -122,3 +122,15 @@ def test_ffa_trains_and_sends_only_lora_B(tmp_path, task_identity, initial):
     assert all(torch.equal(a_now[k], initial[k]) for k in kept("ffa", initial))  # A is still the seeded init
     set_trainable(model, "fedavg")
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_ffa_under_secure_aggregation_sums_only_lora_B(tmp_path, task_identity, initial):
+    from tests.test_secagg_flower import NODES, Grid, _cfg, _close, _plain_average, _secure
+
+    sent = shared("ffa", initial)
+    change = {"federation": {"aggregation": "ffa"}, "train": {"local_steps": 1}}
+    plain = _plain_average(_cfg(tmp_path, "plain").replace(**change), sent, NODES)
+    cfg = _cfg(tmp_path, "secure").replace(**change)
+    sec = _secure(cfg, sent, Grid(cfg))
+    assert not sec.aborted and set(sec.arrays.keys()) == set(sent)
+    _close(sec.arrays, plain, cfg, len(NODES))
