@@ -34,6 +34,9 @@ def _simulate_parser(sub) -> None:
                    help="also run baselines and compare: no-dp,centralized,local-only (default: all)")
     p.add_argument("--canaries", type=int, help="plant N canary records for `fedtune audit --empirical` (audit.canaries)")
     p.add_argument("--secrets", type=int, help="plant N secrets for exposure measurement (audit.secrets)")
+    p.add_argument("--aggregation", help="fedavg, ffa (A frozen, only B sent) or fedsa (only A sent, B stays local) "
+                   "(federation.aggregation)")
+    p.add_argument("--personalize", metavar="METHOD", help="after the run: finetune, fedsa or ditto (personalize.method)")
     p.add_argument("--secagg", action="store_true", help="secure aggregation: the server learns only the sum (secagg.enabled)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -72,7 +75,8 @@ def _overrides(args) -> dict:
     out: dict = {}
     pairs = {"clients": "federation.clients", "rounds": "federation.rounds", "model": "model.name",
              "data": "data.source", "output": "run.output", "name": "run.name", "mode": "federation.mode",
-             "canaries": "audit.canaries", "secrets": "audit.secrets"}
+             "canaries": "audit.canaries", "secrets": "audit.secrets", "aggregation": "federation.aggregation",
+             "personalize": "personalize.method"}
     for arg, key in pairs.items():
         if getattr(args, arg) is not None:
             out[key] = getattr(args, arg)
