@@ -88,18 +88,21 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=10, help="personalize.steps")
     ap.add_argument("--rounds", type=int, default=0, help="federation.rounds (0 = the config's)")
+    ap.add_argument("--max-eval", type=int, default=-1, help="data.max_eval_examples per client (-1 = the config's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--runs", default="/tmp/fedtune-bench-runs", help="where the run folders go")
     args = ap.parse_args()
 
     cfg0 = config_mod.load(args.config)
     rounds = args.rounds or cfg0.federation.rounds
+    max_eval = cfg0.data.max_eval_examples if args.max_eval < 0 else args.max_eval
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     result = {
         "config": os.path.relpath(args.config, ROOT), "model": cfg0.model.name, "clients": cfg0.num_clients,
-        "rounds": rounds, "personalize_steps": args.steps, "machine": machine, "points": [],
+        "rounds": rounds, "max_eval_examples": max_eval, "personalize_steps": args.steps, "machine": machine, "points": [],
         "setup": (f"{os.path.relpath(args.config, ROOT)}: {cfg0.num_clients} clients ({cfg0.data.source}, partition "
-                  f"{cfg0.data.partition} by {cfg0.data.partition_by}), {cfg0.model.name}, {rounds} rounds, then "
+                  f"{cfg0.data.partition} by {cfg0.data.partition_by}; held-out records per client: "
+                  f"{max_eval or 'all'}), {cfg0.model.name}, {rounds} round(s), then "
                   f"personalization by fine-tuning ({args.steps} steps at lr {cfg0.personalize.lr:g}; with DP: DP-SGD "
                   f"at the run's σ and q, charged to each client's ledger, privacy.budget 10). Machine: {machine}."),
     }
@@ -108,6 +111,7 @@ def main() -> None:
             label = f"{aggregation}, {'ε=8' if setting == 'dp' else 'no DP'}"
             overrides = {"run.output": args.runs, "run.name": f"pers-{aggregation}-{setting}",
                          "federation.aggregation": aggregation, "federation.rounds": rounds,
+                         "data.max_eval_examples": max_eval,
                          "personalize.method": "finetune", "personalize.steps": args.steps, **SETTINGS[setting]}
             cfg = config_mod.load(args.config, overrides)
             print(f"== {label} ==", flush=True)
