@@ -8,6 +8,7 @@ client). Results are rewritten after every run, so a cut-short benchmark keeps w
 
     python benchmarks/bench_personalize.py                          # 4 runs, personalize.steps = 10
     python benchmarks/bench_personalize.py --config simulations/tiny.toml --out /tmp/p
+    python benchmarks/bench_personalize.py --merge /tmp/a/personalize.json /tmp/b/personalize.json
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def main() -> None:
     ap.add_argument("--max-eval", type=int, default=-1, help="data.max_eval_examples per client (-1 = the config's)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--runs", default="/tmp/fedtune-bench-runs", help="where the run folders go")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="only combine the points of earlier personalize.json files")
     args = ap.parse_args()
+    if args.merge:  # e.g. settings run as separate processes
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        _write({**parts[0], "points": [p for part in parts for p in part["points"]]}, Path(args.out))
+        return
 
     cfg0 = config_mod.load(args.config)
     rounds = args.rounds or cfg0.federation.rounds
