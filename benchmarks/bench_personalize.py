@@ -65,6 +65,8 @@ def _write(result: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "personalize.json").write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
     points = result["points"]
+    for p in points:  # failed client replies (e.g. killed for memory) are counted, never hidden
+        p.setdefault("failed", _failed(Path(p["run_dir"])))
     _plot(points, out / "personalize.png")
     rows = []
     for p in points:
@@ -72,12 +74,13 @@ def _write(result: dict, out: Path) -> None:
         eps = "∞ (no DP)" if p["epsilon_max"] is None else f"{p['epsilon_federated']:.2f} → {p['epsilon_max']:.2f}"
         rows.append(f"| {p['aggregation']} | {eps} | {p['upload_bytes']} | {a['base']:.2f} | {a['local']:.2f} | "
                     f"{a['global']:.2f} | {a['personalized']:.2f} | {w['global']:.2f} | {w['personalized']:.2f} | "
-                    f"{p['seconds'] / 60:.1f} |")
+                    f"{'–' if p['failed'] is None else p['failed']} | {p['seconds'] / 60:.1f} |")
     (out / "personalize.md").write_text(
         f"# Aggregation and personalization\n\n{result['setup']}\n\n"
         "| aggregation | ε federated → after personalization (max over clients) | upload bytes per client per round | "
-        "mean base | mean local-only | mean global | mean personalized | worst global | worst personalized | minutes |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
+        "mean base | mean local-only | mean global | mean personalized | worst global | worst personalized | "
+        "failed client replies (train + evaluate) | minutes |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
         "\n\nHeld-out perplexity per client, averaged over clients (mean) and of the worst client. "
         "![per-client perplexity](personalize.png)\n")
 
@@ -138,6 +141,15 @@ def main() -> None:
             })
             _write(result, Path(args.out))
     print(json.dumps(result["points"], indent=2))
+
+
+def _failed(run_dir: Path) -> int | None:
+    """Client training or evaluation replies that failed in the run (None: run folder gone)."""
+    from fedtune.runfolder import read_jsonl
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return None
+    return sum(r.get("status") == "failed" for r in read_jsonl(run_dir / "metrics.jsonl"))
 
 
 def _train_rows(run_dir: Path) -> list[dict]:
