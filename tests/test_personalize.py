@@ -96,3 +96,17 @@ def test_personalize_on_bad_input_is_one_line_exit_2(tmp_path, tiny_path, capsys
     assert "not found" in _one_error_line(capsys)
     assert main(["personalize", str(run), "--set", "personalize.method=none"]) == 2
     assert "personalize.method is none" in _one_error_line(capsys)
+
+
+def test_adapter_state_is_a_copy_not_the_live_parameters(tiny_lora):
+    """The seeded init (base model, local-only start, fedsa's first B) must survive training."""
+    from fedtune.model import get_adapter_state
+
+    _, _, model = tiny_lora
+    before = get_adapter_state(model)
+    saved = {k: v.clone() for k, v in before.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+    assert all(torch.equal(before[k], saved[k]) for k in saved)
