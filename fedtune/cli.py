@@ -34,6 +34,9 @@ def _simulate_parser(sub) -> None:
                    help="also run baselines and compare: no-dp,centralized,local-only (default: all)")
     p.add_argument("--canaries", type=int, help="plant N canary records for `fedtune audit --empirical` (audit.canaries)")
     p.add_argument("--secrets", type=int, help="plant N secrets for exposure measurement (audit.secrets)")
+    p.add_argument("--aggregation", help="fedavg, ffa (A frozen, only B sent) or fedsa (only A sent, B stays local) "
+                   "(federation.aggregation)")
+    p.add_argument("--personalize", metavar="METHOD", help="after the run: finetune, fedsa or ditto (personalize.method)")
     p.add_argument("--secagg", action="store_true", help="secure aggregation: the server learns only the sum (secagg.enabled)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -52,13 +55,28 @@ def _audit_parser(sub) -> None:
                    help="score the planted canaries and secrets: an empirical lower bound on ε, and exposure")
 
 
+def _personalize_parser(sub) -> None:
+    p = sub.add_parser(
+        "personalize", help="personalize a finished run's global adapter for every client",
+        description="Each client adapts the global adapter to its own data ([personalize] in the config; flags "
+                    "override it). Writes clients/<client>/personalized/ (PEFT folders) and personalization.md, "
+                    ".json and .png (held-out perplexity of base, local-only, global and personalized) into the run folder.",
+    )
+    p.add_argument("run_dir", help="a run folder (as printed by fedtune simulate)")
+    p.add_argument("--method", choices=["finetune", "fedsa", "ditto"], help="personalize.method")
+    p.add_argument("--steps", type=int, help="personalize.steps")
+    p.add_argument("--no-dp", action="store_true", help="train without DP (personalize.dp = false): never release the result")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
+
+
 def _overrides(args) -> dict:
     from fedtune.config import parse_assignment
 
     out: dict = {}
     pairs = {"clients": "federation.clients", "rounds": "federation.rounds", "model": "model.name",
              "data": "data.source", "output": "run.output", "name": "run.name", "mode": "federation.mode",
-             "canaries": "audit.canaries", "secrets": "audit.secrets"}
+             "canaries": "audit.canaries", "secrets": "audit.secrets", "aggregation": "federation.aggregation",
+             "personalize": "personalize.method"}
     for arg, key in pairs.items():
         if getattr(args, arg) is not None:
             out[key] = getattr(args, arg)
@@ -192,6 +210,11 @@ def _print_result(run_dir: Path) -> None:
     cl = s.get("client_level")
     if cl:
         print(f"  client-level (each client's whole data): ε={cl['epsilon']:.2f} at δ={cl['delta']:g} over {cl['rounds']} round(s)")
+    pers = s.get("personalization")
+    if pers:
+        avg = pers["average"]
+        print(f"personalization ({pers['method']}): mean client perplexity global {avg['global']:.2f} -> "
+              f"personalized {avg['personalized']:.2f} (local-only {avg['local']:.2f}); {run_dir / 'personalization.md'}")
     print(f"report: {run_dir / 'summary.md'}")
 
 
@@ -241,11 +264,33 @@ def cmd_audit(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_personalize(args) -> int:
+    from fedtune.config import parse_assignment
+    from fedtune.personalize import MD, personalize
+
+    overrides = dict(parse_assignment(item) for item in args.set)
+    if args.method:
+        overrides["personalize.method"] = args.method
+    if args.steps is not None:
+        overrides["personalize.steps"] = args.steps
+    if args.no_dp:
+        overrides["personalize.dp"] = False
+    result = personalize(args.run_dir, overrides,
+                         progress=lambda i, n: print(f"fedtune: personalizing client {i + 1}/{n}", file=sys.stderr))
+    for label in ("average", "worst"):
+        r = result[label]
+        print(f"{label} client perplexity: base {r['base']:.2f}, local-only {r['local']:.2f}, "
+              f"global {r['global']:.2f}, personalized {r['personalized']:.2f}")
+    print(f"report: {Path(args.run_dir) / MD}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated, differentially private LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _audit_parser(sub)
+    _personalize_parser(sub)
     from fedtune.deploy.cli import add_parsers
 
     add_parsers(sub)
@@ -259,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"simulate": cmd_simulate, "audit": cmd_audit, **COMMANDS}[args.command](args)
+        commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, **COMMANDS}
+        return commands[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedtune import config as config_mod
+from fedtune.aggregation import kept, set_trainable, shared
 from fedtune.data import TokenizedData, client_examples, client_name
 from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
@@ -33,7 +34,9 @@ from fedtune.model import (
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.privacy.empirical import PLANT_FILE, planted_records
-from fedtune.runfolder import client_dir, ledger_path, now, read_json, run_dir_for, write_json
+from fedtune.runfolder import (
+    atomic_write_bytes, client_dir, kept_adapter_path, ledger_path, now, read_json, run_dir_for, write_json,
+)
 from fedtune.secagg.flower import STAGE, LocalUpdate, handle_stage
 from fedtune.train import DPParams, evaluate, train_round
 
@@ -50,6 +53,7 @@ class _Model:
     device: torch.device
     amp_dtype: torch.dtype | None
     path: str
+    initial: dict[str, torch.Tensor]  # the adapter at its seeded init (A from run.seed, B zero)
 
 
 @dataclass
@@ -84,7 +88,8 @@ def _model(cfg: config_mod.Config) -> _Model:
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
         tokenizer = load_tokenizer(path)
         model = add_lora(load_base_model(path, device), cfg, seed=cfg.run.seed)
-        _MODELS[key] = _Model(tokenizer, model, device, resolve_precision(cfg.model.precision, device), path)
+        _MODELS[key] = _Model(tokenizer, model, device, resolve_precision(cfg.model.precision, device), path,
+                              get_adapter_state(model))
     return _MODELS[key]
 
 
@@ -128,6 +133,33 @@ def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
     if not path.is_file():
         raise FedtuneError(f"{path} is missing: the server plants audit records before round 0; rerun the simulation")
     return planted_records(read_json(path), index, centralized=cfg.federation.mode == "centralized")
+
+
+def load_kept(run_dir: Path, name: str, initial: dict[str, torch.Tensor], method: str) -> dict[str, torch.Tensor]:
+    """The adapter tensors ``method`` keeps on this client: its saved copy, else the seeded init."""
+    from safetensors.torch import load_file
+
+    path = kept_adapter_path(run_dir, name)
+    own = kept(method, initial)
+    if own and path.is_file():
+        saved = load_file(str(path))
+        if set(saved) == set(own):
+            return saved
+    return own
+
+
+def save_kept(run_dir: Path, name: str, state: dict[str, torch.Tensor], method: str) -> None:
+    """Store the part of ``state`` that never leaves the client (fedsa: its lora_B), atomically."""
+    from safetensors.torch import save
+
+    own = kept(method, state)
+    if own:
+        atomic_write_bytes(kept_adapter_path(run_dir, name), save({k: v.contiguous() for k, v in own.items()}))
+
+
+def full_adapter(s: ClientSetup, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the server sent plus what the aggregation method keeps on this client."""
+    return {**load_kept(s.run_dir, s.name, s.m.initial, s.cfg.federation.aggregation), **received}
 
 
 def _error_reply(msg: Message, who: str, exc: Exception) -> Message:
@@ -204,7 +236,7 @@ def _check_encoding(context: Context, encoding) -> None:
     if encoding.ddg is None:
         raise FedtuneError(f"{s.name}: the server asks for secure aggregation without distributed-DP noise, but this "
                            "client's config has client_dp on; refusing to send an un-noised update")
-    dim = sum(v.numel() for v in get_adapter_state(s.m.model).values())
+    dim = sum(v.numel() for v in shared(cfg.federation.aggregation, get_adapter_state(s.m.model)).values())
     key = (cfg.client_dp, cfg.secagg, cfg.federation, dim)
     if key not in _DDG:
         _DDG[key] = plan_for(cfg, dim)
@@ -248,7 +280,7 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
 
     try:
         global_state = msg.content["arrays"].to_torch_state_dict()
-        set_adapter_state(s.m.model, global_state)
+        set_adapter_state(s.m.model, full_adapter(s, global_state))
     except (KeyError, ValueError) as exc:
         return _error_reply(msg, s.name, ValueError(f"rejected the global adapter: {exc}"))
 
@@ -257,6 +289,8 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
     def on_step(step: int, steps: int) -> None:
         write_json(status_file, {"round": server_round, "phase": "train", "step": step, "steps": steps})
 
+    method = s.cfg.federation.aggregation
+    set_trainable(s.m.model, method)
     sampling, noise = _generators(s, server_round)
     dp = None
     if plan.dp:
@@ -271,6 +305,8 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
             physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
         )
     state = get_adapter_state(s.m.model)
+    save_kept(s.run_dir, s.name, state, method)  # fedsa: lora_B stays here for the next round
+    state = shared(method, state)  # only what the method sends leaves the client
     clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     if clip > 0:  # client-level DP: the server adds noise calibrated to this bound on our update
         state = clip_update(state, global_state, clip)
@@ -295,7 +331,7 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
 def handle_evaluate(msg: Message, context: Context) -> Message:
     try:
         s = setup(context)
-        set_adapter_state(s.m.model, msg.content["arrays"].to_torch_state_dict())
+        set_adapter_state(s.m.model, full_adapter(s, msg.content["arrays"].to_torch_state_dict()))
     except (FedtuneError, KeyError, ValueError) as exc:
         return _error_reply(msg, "client evaluate", exc)
     t0 = time.perf_counter()

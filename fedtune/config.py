@@ -127,6 +127,23 @@ class FederationSection:
     rounds: int = 2
     clients_per_round: int = 0  # 0 = all clients every round
     round_timeout: float = 3600.0  # seconds to wait for replies
+    aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B sent) | fedsa (A sent, B local)
+    server_optimizer: str = "none"  # none | avgm | adam | yogi, applied to the averaged update
+    server_lr: float = 0.0  # 0 = Flower's default for the optimizer (avgm 1.0, adam 0.1, yogi 0.01)
+    server_momentum: float = 0.9  # avgm's momentum; adam's and yogi's beta1
+    server_beta2: float = 0.99  # adam and yogi
+    server_tau: float = 1e-3  # adam and yogi: adaptivity (added to sqrt(v))
+
+
+@dataclass(frozen=True)
+class PersonalizeSection:
+    """After the last round, each client adapts the global adapter to its own data."""
+
+    method: str = "none"  # none | finetune | fedsa (keep the local B) | ditto (prox toward the global)
+    steps: int = 20  # local optimizer steps (finetune, ditto; also the local-only comparison model)
+    lr: float = 5e-3
+    dp: bool = True  # DP-SGD charged to the client's ledger; false = a model that is never released
+    ditto_lambda: float = 0.1  # ditto: weight of lambda/2 * ||w - w_global||^2
 
 
 @dataclass(frozen=True)
@@ -149,6 +166,7 @@ class Config:
     federation: FederationSection = field(default_factory=FederationSection)
     simulation: SimulationSection = field(default_factory=SimulationSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    personalize: PersonalizeSection = field(default_factory=PersonalizeSection)
 
     # ---- derived values -------------------------------------------------------
     @property
@@ -194,6 +212,9 @@ CHOICES = {
     "privacy.accountant": ("rdp", "prv"),
     "client_dp.accountant": ("rdp", "prv"),
     "federation.mode": ("federated", "centralized", "local"),
+    "federation.aggregation": ("fedavg", "ffa", "fedsa"),
+    "federation.server_optimizer": ("none", "avgm", "adam", "yogi"),
+    "personalize.method": ("none", "finetune", "fedsa", "ditto"),
 }
 
 
@@ -420,10 +441,46 @@ def validate(cfg: Config) -> None:
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")
     _check(f.clients_per_round >= 0, "federation.clients_per_round must be >= 0 (0 = all)")
     _check(f.round_timeout > 0, "federation.round_timeout must be > 0 seconds")
+    _check(f.server_lr >= 0 and math.isfinite(f.server_lr), f"federation.server_lr must be >= 0 (got {f.server_lr}); 0 = default")
+    _check(0 <= f.server_momentum < 1, f"federation.server_momentum must be in [0, 1) (got {f.server_momentum})")
+    _check(0 <= f.server_beta2 < 1, f"federation.server_beta2 must be in [0, 1) (got {f.server_beta2})")
+    _check(f.server_tau > 0, f"federation.server_tau must be > 0 (got {f.server_tau})")
+    _check(f.server_optimizer == "none" or f.mode != "local",
+           f"federation.server_optimizer={f.server_optimizer} needs an aggregate, which local mode never makes; "
+           "set it to none or federation.mode = federated")
+    _check_aggregation(cfg)
+    _check_personalize(cfg)
     s = cfg.simulation
     _check(s.client_cpus >= 1, f"simulation.client_cpus must be a whole number >= 1 (got {s.client_cpus})")
     _check(s.client_gpus == -1 or 0 <= s.client_gpus <= 1, "simulation.client_gpus must be -1 (auto) or in [0, 1]")
     _check(s.total_cpus >= 0, "simulation.total_cpus must be >= 0 (0 = all cores)")
+
+
+def _check_aggregation(cfg: Config) -> None:
+    """The method table in fedtune/aggregation.py (and the README) decides what combines."""
+    from fedtune.aggregation import METHODS
+
+    name = cfg.federation.aggregation
+    method = METHODS[name]
+    _check(not cfg.secagg.enabled or method.secagg, f"federation.aggregation={name} is not a linear sum of what "
+           "clients send, so secure aggregation cannot compute it; use fedavg, ffa or fedsa, or turn secagg off")
+    _check(not cfg.client_dp.enabled or method.client_dp, f"federation.aggregation={name} does not work with "
+           "client-level DP; use fedavg, ffa or fedsa, or turn client_dp off")
+
+
+def _check_personalize(cfg: Config) -> None:
+    p = cfg.personalize
+    if p.method == "none":
+        return
+    _check(cfg.federation.mode == "federated", f"personalize.method={p.method} starts from the global adapter of a "
+           f"federated run (federation.mode = {cfg.federation.mode}); set personalize.method = none")
+    _check(p.method != "fedsa" or cfg.federation.aggregation == "fedsa", "personalize.method=fedsa keeps the client's "
+           "own lora_B, which only federation.aggregation=fedsa trains; set both to fedsa or pick finetune or ditto")
+    _check(p.steps >= 1, f"personalize.steps must be >= 1 (got {p.steps})")
+    _check(p.lr > 0 and math.isfinite(p.lr), f"personalize.lr must be > 0 (got {p.lr})")
+    _check(p.ditto_lambda >= 0 and math.isfinite(p.ditto_lambda), f"personalize.ditto_lambda must be >= 0 (got {p.ditto_lambda})")
+    _check(not p.dp or cfg.privacy.dp, "personalize.dp = true spends the run's DP-SGD budget, but privacy.dp is false; "
+           "set personalize.dp = false (the personalized model is then never released)")
 
 
 def dump_toml(cfg: Config) -> str:

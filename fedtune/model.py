@@ -242,7 +242,8 @@ def get_adapter_state(model) -> dict[str, torch.Tensor]:
 
     inner = getattr(model, "_module", model)  # unwrap Opacus' GradSampleModule
     state = get_peft_model_state_dict(inner)
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    # Copies: on the CPU .to() would return the live parameters, which later training changes.
+    return {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in state.items()}
 
 
 def set_adapter_state(model, state: dict[str, torch.Tensor]) -> None:

@@ -64,6 +64,7 @@ def summarize(run_dir: Path) -> dict:
         "run": run, "config": cfg, "rounds": rounds, "clients": sorted(clients.values(), key=lambda c: c["client"]),
         "base_perplexity": base_ppl, "final_perplexity": final_ppl, "relative_change": change,
         "client_level": _client_level(run_dir),
+        "personalization": read_json(run_dir / "personalization.json") if (run_dir / "personalization.json").exists() else None,
     }
 
 
@@ -185,6 +186,14 @@ def render(s: dict) -> str:
                   f"update clip C = {cl['clip_norm']:g}, {noise}.",
                   f"- **Covers:** {cl['covers']}.", f"- **Not covered:** {cl['not_covered']}.",
                   f"- The server's spends are in `{cl['ledger']}`. Check everything with `fedtune audit --verify`."]
+    pers = s.get("personalization")
+    if pers:
+        avg, worst = pers["average"], pers["worst"]
+        lines += ["", "## Personalization", "",
+                  f"Method **{pers['method']}**: held-out perplexity averaged over clients: global {avg['global']:.2f} → "
+                  f"personalized {avg['personalized']:.2f} (local-only {avg['local']:.2f}, base {avg['base']:.2f}); "
+                  f"worst client: global {worst['global']:.2f} → personalized {worst['personalized']:.2f}. "
+                  "Per client: [personalization.md](personalization.md)."]
     comparison = s.get("comparison")
     if comparison:
         lines += ["", "## Baselines (same data, same held-out records)", "",
@@ -201,6 +210,8 @@ def render(s: dict) -> str:
 def write_summary(run_dir: str | Path, comparison: list[dict] | None = None) -> dict:
     run_dir = Path(run_dir)
     s = summarize(run_dir)
+    if comparison is None and (run_dir / "summary.json").exists():  # a rewrite keeps the baseline table
+        comparison = read_json(run_dir / "summary.json").get("comparison")
     if comparison:
         s["comparison"] = comparison
     if any(r.get("perplexity") is not None for r in s["rounds"]):

@@ -7,7 +7,9 @@ files are appended one fsync'ed line at a time, so a crash never leaves half a f
     <run>/config.toml           the resolved config
     <run>/progress.json         where the run is (for progress displays)
     <run>/metrics.jsonl         one line per client per phase per round, plus round totals
-    <run>/clients/<name>/       each client's ledger.jsonl and status.json (simulation)
+    <run>/clients/<name>/       each client's ledger.jsonl and status.json (simulation), the
+                                adapter part it keeps (kept_adapter.safetensors, fedsa) and its
+                                personalized adapter (personalized/, PEFT folder)
     <run>/adapters/round-NNN/   the global adapter after round N (PEFT folder)
     <run>/adapters/global/      the final global adapter
     <run>/summary.md, summary.json, perplexity.png
@@ -120,6 +122,11 @@ def client_dir(run_dir: str | Path, client: str) -> Path:
 
 def ledger_path(run_dir: str | Path, client: str) -> Path:
     return client_dir(run_dir, client) / "ledger.jsonl"
+
+
+def kept_adapter_path(run_dir: str | Path, client: str) -> Path:
+    """Adapter tensors a client never sends (fedsa: its lora_B), kept between rounds."""
+    return client_dir(run_dir, client) / "kept_adapter.safetensors"
 
 
 def server_ledger_path(run_dir: str | Path) -> Path:

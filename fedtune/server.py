@@ -16,11 +16,12 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
+from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
@@ -155,6 +156,14 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
     return sec.arrays, outcomes, info
 
 
+def optimize(opt: ServerOptimizer, old: ArrayRecord, average: ArrayRecord) -> ArrayRecord:
+    """The server optimizer's step from the global ``old`` towards the clients' ``average``."""
+    if opt.kind == "none":
+        return average
+    new = opt.step({k: v.numpy() for k, v in old.items()}, {k: v.numpy() for k, v in average.items()})
+    return ArrayRecord({k: Array(v) for k, v in new.items()})
+
+
 def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     from fedtune.privacy import check_round, epsilon
     from fedtune.privacy.client_level import Sampler
@@ -173,10 +182,13 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     initial = initial_adapter(cfg, model_path)
     update_run_file(run_dir, model_path=model_path, adapter_parameters=sum(v.numel() for v in initial.values()))
-    template = {k: tuple(v.shape) for k, v in initial.items()}
+    # Messages carry only what the aggregation method sends; the server keeps the full adapter.
+    method = cfg.federation.aggregation
+    template = {k: tuple(v.shape) for k, v in shared(method, initial).items()}
+    opt = server_optimizer(cfg)
     server_ledger = ddg = None
     if cfg.client_dp.enabled:
-        server_ledger, server_plan, ddg = client_level(cfg, run_dir, sum(v.numel() for v in initial.values()))
+        server_ledger, server_plan, ddg = client_level(cfg, run_dir, sum(v.numel() for v in shared(method, initial).values()))
         strategy = ClientDPFedAvg(num_clients=cfg.num_clients, template=template, plan=server_plan,
                                   sampler=Sampler(cfg.privacy.seed if cfg.privacy.seed >= 0 else None))
     else:
@@ -185,7 +197,10 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
     tolerate_dropouts(strategy)
     timeout = cfg.federation.round_timeout
-    arrays = ArrayRecord(initial)
+    arrays = ArrayRecord(shared(method, initial))
+
+    def full(part: ArrayRecord) -> dict[str, torch.Tensor]:
+        return {**initial, **part.to_torch_state_dict()}
 
     def evaluate(round_: int) -> dict:
         progress(round_, "evaluate")
@@ -236,8 +251,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
                                   "accountant": server_plan.accountant,
                                   "epsilon": epsilon(history, server_plan.delta, server_plan.accountant), "time": now()})
         if new_arrays is not None:
-            arrays = new_arrays
-            save_adapter(adapter_dir(run_dir, f"round-{round_:03d}"), arrays.to_torch_state_dict(), cfg, model_path)
+            arrays = optimize(opt, arrays, new_arrays)
+            save_adapter(adapter_dir(run_dir, f"round-{round_:03d}"), full(arrays), cfg, model_path)
         pooled = evaluate(round_)
         counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
         append_jsonl(metrics_file, {"round": round_, "phase": "round", "time": now(), "seconds": time.perf_counter() - t0,
@@ -249,7 +264,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
 
     if strategy.local:  # the local-only baseline: each client's own adapter
         for node, own in strategy.local_arrays.items():
-            save_adapter(adapter_dir(run_dir, f"local-{strategy.names[node]}"), own.to_torch_state_dict(), cfg, model_path)
+            save_adapter(adapter_dir(run_dir, f"local-{strategy.names[node]}"), full(own), cfg, model_path)
     else:
-        save_adapter(adapter_dir(run_dir, "global"), arrays.to_torch_state_dict(), cfg, model_path)
+        save_adapter(adapter_dir(run_dir, "global"), full(arrays), cfg, model_path)
     progress(rounds, "done")

@@ -273,12 +273,15 @@ BASELINES = {
 
 
 def variant(cfg: config_mod.Config, baseline: str) -> config_mod.Config:
-    change = BASELINES[baseline][1]
+    """The baseline's config: no personalization, and no server optimizer where nothing is averaged."""
+    change = {**BASELINES[baseline][1], "personalize": {"method": "none"}}
+    if baseline == "local-only":
+        change["federation"] = {**change["federation"], "server_optimizer": "none"}
     return cfg.replace(**change, run={"name": f"{cfg.run.name}-{baseline}"})
 
 
 def simulate(cfg: config_mod.Config, baselines: list[str], show, announce=None) -> Path:
-    """Run the configured simulation (then each baseline); returns its run folder.
+    """Run the configured simulation (then each baseline, then personalization); returns its run folder.
 
     ``show(run_dir, cfg, log_process)`` follows a run; ``announce(cfg, sizes)`` hears the
     checked plan before anything starts."""
@@ -301,6 +304,10 @@ def simulate(cfg: config_mod.Config, baselines: list[str], show, announce=None) 
                 rows.append(_row(name, BASELINES[name][0], run_simulation(variant(cfg, name), sub, link, show).summary))
             write_summary(run_dir, rows)
     shutil.rmtree(run_dir / ".flower", ignore_errors=True)  # the private SuperLink's state
+    if cfg.personalize.method != "none":
+        from fedtune.personalize import personalize
+
+        personalize(run_dir)
     return run_dir
 
 

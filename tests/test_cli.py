@@ -45,6 +45,8 @@ CASES = {
     "secagg weight bound": (lambda t: [TINY, "--secagg", "--set", "secagg.max_weight=10"],
                             "above secagg.max_weight=10"),
     "no GPU": (lambda t: [TINY, "--set", "model.device=cuda"], "no CUDA GPU is visible"),
+    "unknown aggregation": (lambda t: [TINY, "--aggregation", "fedfoo"],
+                            "federation.aggregation must be one of fedavg, ffa, fedsa"),
 }
 
 

@@ -45,10 +45,31 @@ def test_round_trip_through_flowers_flat_run_config():
     ({"secagg.enabled": True, "client_dp.enabled": True, "client_dp.accountant": "prv"}, "set client_dp.accountant"),
     ({"secagg.enabled": True, "client_dp.enabled": True, "client_dp.min_clients": 2}, "client_dp.min_clients must be"),
     ({"client_dp.enabled": True, "client_dp.min_clients": 3}, "applies to distributed DP only"),
+    ({"federation.aggregation": "fedprox"}, "federation.aggregation must be one of fedavg, ffa, fedsa"),
+    ({"federation.server_optimizer": "adam", "federation.mode": "local"}, "needs an aggregate"),
+    ({"personalize.method": "fedsa"}, "only federation.aggregation=fedsa trains"),
+    ({"personalize.method": "finetune", "federation.mode": "centralized"}, "starts from the global adapter"),
+    ({"personalize.method": "ditto", "privacy.dp": False}, "set personalize.dp = false"),
+    ({"personalize.method": "finetune", "personalize.steps": 0}, "personalize.steps must be >= 1"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, message):
     with pytest.raises(FedtuneError, match=message):
         config.load(None, overrides)
+
+
+def test_secure_aggregation_needs_a_linear_method(monkeypatch):
+    """The method table decides: a method that is not a linear sum is refused with secagg."""
+    from fedtune import aggregation
+
+    nonlinear = aggregation.Method(sends="", trains_a=True, exact=True, secagg=False, client_dp=False)
+    monkeypatch.setitem(aggregation.METHODS, "ffa", nonlinear)
+    with pytest.raises(FedtuneError, match="secure aggregation cannot compute it"):
+        config.load(None, {"federation.aggregation": "ffa", "secagg.enabled": True})
+    with pytest.raises(FedtuneError, match="does not work with client-level DP"):
+        config.load(None, {"federation.aggregation": "ffa", "client_dp.enabled": True})
+    monkeypatch.undo()
+    for name in aggregation.METHODS:  # every implemented method is linear
+        config.load(None, {"federation.aggregation": name, "secagg.enabled": True})
 
 
 def test_bad_files(tmp_path):

@@ -1,0 +1,251 @@
+"""Personalization after federation (`fedtune personalize RUN_DIR`) and the per-client
+evaluation report (personalization.json, .md, .png in the run folder).
+
+Each client starts from the global adapter (under fedsa: the global A with its own B)
+and adapts it to its own training records:
+
+- ``finetune``: ``personalize.steps`` more optimizer steps on its data;
+- ``fedsa``: no further training, the client's own B (kept during federation) *is* the
+  personalization;
+- ``ditto``: like finetune, plus a proximal step toward the global adapter after every
+  optimizer step, w <- w - lr·λ·(w - w_global), i.e. the gradient of λ/2·||w - w_global||².
+  That step does not look at data, so under DP-SGD it is post-processing.
+
+With ``personalize.dp`` the steps are DP-SGD with the run's noise σ and sample rate q and
+are charged to the client's ledger (refused, keeping the global adapter, if the budget
+cannot pay); without it the personalized adapter is a model that must never be released.
+
+For comparison every client is also evaluated with the base model, a local-only adapter
+(the same recipe from the seeded init, never federated, never saved or charged: only its
+held-out perplexity is reported) and the global adapter. Perplexity only: rating accuracy
+by label likelihood is not implemented.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import statistics
+import warnings
+from pathlib import Path
+
+import torch
+from flwr.app import Context, RecordDict
+
+from fedtune import config as config_mod
+from fedtune.aggregation import set_trainable
+from fedtune.errors import FedtuneError
+from fedtune.runfolder import (
+    adapter_dir, atomic_write_bytes, atomic_write_text, client_dir, is_run_dir, ledger_path, now, write_json,
+)
+
+MODELS = ("base", "local", "global", "personalized")
+LABELS = {"base": "base model", "local": "local-only", "global": "global", "personalized": "personalized"}
+JSON, MD, PNG = "personalization.json", "personalization.md", "personalization.png"
+
+
+def personalized_dir(run_dir: Path, client: str) -> Path:
+    return client_dir(run_dir, client) / "personalized"
+
+
+def load_run_config(run_dir: str | Path, overrides: dict | None = None) -> config_mod.Config:
+    run_dir = Path(run_dir)
+    if not is_run_dir(run_dir) or not (run_dir / "config.toml").is_file():
+        raise FedtuneError(f"{run_dir} is not a fedtune run folder (no run.json and config.toml); "
+                           "pass the folder `fedtune simulate` printed")
+    cfg = config_mod.load(run_dir / "config.toml", overrides)
+    return cfg.replace(run={"dir": str(run_dir.resolve())})
+
+
+def _setup(cfg: config_mod.Config, index: int):
+    """The client's model and data, exactly as its ClientApp builds them."""
+    from fedtune.client import setup
+
+    ctx = Context(run_id=0, node_id=index, node_config={"partition-id": index, "num-partitions": cfg.num_clients},
+                  state=RecordDict(), run_config=config_mod.to_flat(cfg))
+    try:
+        return setup(ctx)
+    except FedtuneError as exc:
+        raise FedtuneError(f"client {index}: {exc}") from None
+
+
+def _perplexity(s) -> float:
+    from fedtune.train import evaluate
+
+    loss, tokens = evaluate(s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
+                            amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id)
+    return math.exp(min(loss / max(tokens, 1), 50.0))
+
+
+def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
+    """``steps`` steps from the adapter ``start``; returns the trained adapter."""
+    from fedtune.client import _generators
+    from fedtune.model import get_adapter_state, set_adapter_state
+    from fedtune.train import train_round
+
+    p = s.cfg.personalize
+    set_adapter_state(s.m.model, start)
+    set_trainable(s.m.model, s.cfg.federation.aggregation)
+    on_step = None
+    if prox is not None and p.ditto_lambda > 0:
+        pairs = [(w, prox[n.replace(".default", "")].to(w.device))
+                 for n, w in s.m.model.named_parameters() if w.requires_grad]
+
+        def on_step(step: int, total: int) -> None:
+            with torch.no_grad():
+                for w, g in pairs:
+                    w.sub_(p.lr * p.ditto_lambda * (w - g))
+
+    sampling, noise = _generators(s, s.cfg.federation.rounds + 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        train_round(s.m.model, s.train, steps=steps, batch_size=s.cfg.train.batch_size, learning_rate=p.lr,
+                    weight_decay=s.cfg.train.weight_decay, dp=dp, device=s.m.device, amp_dtype=s.m.amp_dtype,
+                    pad_id=s.m.tokenizer.pad_token_id, sampling_generator=sampling, noise_generator=noise,
+                    physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step)
+    return get_adapter_state(s.m.model)
+
+
+def _dp_plan(s):
+    """(ledger, plan, DP parameters) for charged personalization; FedtuneError without a ledger."""
+    from fedtune.privacy import Ledger, Plan
+    from fedtune.train import DPParams
+
+    ledger = Ledger(ledger_path(s.run_dir, s.name))
+    entry = ledger.plan() if ledger.path.exists() else None
+    if entry is None:
+        raise FedtuneError(f"{s.name} has no privacy ledger at {ledger.path}; DP personalization must charge it "
+                           "(set personalize.dp = false for a model that is never released)")
+    plan = Plan.from_entry(entry)
+    return ledger, plan, DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
+
+
+def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -> dict:
+    """Evaluate base, local-only, global and personalized adapters of one client."""
+    from fedtune.client import load_kept
+    from fedtune.model import save_adapter, set_adapter_state
+    from fedtune.privacy import epsilon
+
+    s = _setup(cfg, index)
+    p, steps = cfg.personalize, cfg.personalize.steps
+    ledger = plan = dp = None
+    if p.dp:
+        ledger, plan, dp = _dp_plan(s)
+    ours = {**global_state, **load_kept(s.run_dir, s.name, s.m.initial, cfg.federation.aggregation)}
+    row = {"client": s.name, "train_records": len(s.train), "heldout_records": len(s.heldout), "perplexity": {}}
+    for label, state in (("base", s.m.initial), ("global", ours)):
+        set_adapter_state(s.m.model, state)
+        row["perplexity"][label] = _perplexity(s)
+    _train(s, s.m.initial, steps, dp, None)  # local-only comparison: never saved, never sent
+    row["perplexity"]["local"] = _perplexity(s)
+
+    personal, row["status"] = ours, "ok"
+    if p.method != "fedsa":
+        if ledger is not None:
+            history = ledger.history()
+            step = (plan.noise_multiplier, plan.sample_rate, steps)
+            row["epsilon_before"] = epsilon(history, plan.delta, plan.accountant)
+            after = epsilon(history + [step], plan.delta, plan.accountant)
+            if after > plan.budget:
+                reason = (f"privacy budget: personalization would raise ε from {row['epsilon_before']:.3f} to "
+                          f"{after:.3f}, above the budget of {plan.budget:g}; raise privacy.budget")
+                ledger.append({"type": "refusal", "round": "personalize", "epsilon_spent": row["epsilon_before"],
+                               "epsilon_if_trained": after, "budget": plan.budget, "reason": reason, "time": now()})
+                row.update(status="refused", reason=reason, epsilon_after=row["epsilon_before"])
+        if row["status"] == "ok":
+            personal = _train(s, ours, steps, dp, ours if p.method == "ditto" else None)
+            if ledger is not None:  # durable before the personalized adapter is written
+                ledger.append({"type": "spend", "round": "personalize", "steps": steps,
+                               "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+                               "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
+                               "epsilon": after, "dp": True, "time": now()})
+                row["epsilon_after"] = after
+    set_adapter_state(s.m.model, personal)
+    row["perplexity"]["personalized"] = _perplexity(s)
+    folder = personalized_dir(s.run_dir, s.name)
+    save_adapter(folder, personal, cfg, s.m.path)
+    row["adapter"] = str(folder.relative_to(s.run_dir))
+    return row
+
+
+def personalize(run_dir: str | Path, overrides: dict | None = None, progress=None) -> dict:
+    """Personalize every client of a finished federated run; writes the per-client report."""
+    from safetensors.torch import load_file
+
+    from fedtune.report import write_summary
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    if cfg.personalize.method == "none":
+        raise FedtuneError("personalize.method is none; pass --method finetune, fedsa or ditto (or set it in the config)")
+    weights = adapter_dir(run_dir, "global") / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FedtuneError(f"{run_dir} has no global adapter ({weights}); personalize a run that completed")
+    global_state = load_file(str(weights))
+    rows = []
+    for index in range(cfg.num_clients):
+        if progress is not None:
+            progress(index, cfg.num_clients)
+        rows.append(personalize_client(cfg, index, global_state))
+    p = cfg.personalize
+    result = {"method": p.method, "steps": p.steps, "lr": p.lr, "dp": p.dp, "ditto_lambda": p.ditto_lambda,
+              "aggregation": cfg.federation.aggregation, "time": now(), "clients": rows,
+              "average": {m: statistics.fmean(r["perplexity"][m] for r in rows) for m in MODELS},
+              "worst": {m: max(r["perplexity"][m] for r in rows) for m in MODELS}}
+    write_json(run_dir / JSON, result)
+    _plot(result, run_dir / PNG)
+    atomic_write_text(run_dir / MD, render(result))
+    write_summary(run_dir)
+    return result
+
+
+def render(r: dict) -> str:
+    dp = ("DP-SGD at the run's σ and q, charged to each client's ledger" if r["dp"] and r["method"] != "fedsa" else
+          "no extra training (the client's own lora_B)" if r["method"] == "fedsa" else
+          "**without DP**: the personalized adapters must never leave their clients")
+    lines = ["# Personalization", "",
+             f"- method: **{r['method']}** (aggregation {r['aggregation']}), {r['steps']} step(s) at lr {r['lr']:g}"
+             + (f", Ditto λ = {r['ditto_lambda']:g}" if r["method"] == "ditto" else "") + f"; {dp}.",
+             "- held-out perplexity per client (lower is better) of: the base model; a local-only adapter (the same "
+             "steps from the seeded init on the client's data alone, for comparison only); the global adapter (under "
+             "fedsa with the client's own lora_B); the personalized adapter (in `clients/<client>/personalized/`).",
+             "- rating accuracy is not measured (perplexity only).", "",
+             f"![per-client perplexity]({PNG})", "",
+             "| client | train records | held-out records | base | local-only | global | personalized | ε after | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in r["clients"]:
+        ppl = c["perplexity"]
+        eps = c.get("epsilon_after")
+        lines.append(f"| {c['client']} | {c['train_records']} | {c['heldout_records']} | "
+                     + " | ".join(f"{ppl[m]:.2f}" for m in MODELS)
+                     + f" | {'–' if eps is None else f'{eps:.2f}'} | {c['status']} |")
+    for label in ("average", "worst"):
+        lines.append(f"| **{label}** | | | " + " | ".join(f"{r[label][m]:.2f}" for m in MODELS) + " | | |")
+    refused = [c for c in r["clients"] if c["status"] == "refused"]
+    if refused:
+        lines += ["", f"Refused (kept the global adapter): {', '.join(c['client'] for c in refused)}: {refused[0]['reason']}."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c["client"] for c in r["clients"]] + ["average", "worst"]
+    values = {m: [c["perplexity"][m] for c in r["clients"]] + [r["average"][m], r["worst"][m]] for m in MODELS}
+    fig, ax = plt.subplots(figsize=(7.0, 4.0), dpi=110)
+    width = 0.8 / len(MODELS)
+    for i, m in enumerate(MODELS):
+        ax.bar([x + i * width for x in range(len(names))], values[m], width, label=LABELS[m])
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(names))], names, fontsize=8)
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"personalization: {r['method']} (aggregation {r['aggregation']})", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
