@@ -91,10 +91,12 @@ def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
         pairs = [(w, prox[n.replace(".default", "")].to(w.device))
                  for n, w in s.m.model.named_parameters() if w.requires_grad]
 
-        def on_step(step: int, total: int) -> None:
+        def ditto_pull(step: int, total: int) -> None:
             with torch.no_grad():
                 for w, g in pairs:
                     w.sub_(p.lr * p.ditto_lambda * (w - g))
+
+        on_step = ditto_pull
 
     sampling, noise = _generators(s, s.cfg.federation.rounds + 1)
     with warnings.catch_warnings():
