@@ -80,7 +80,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ddg.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Distributed DP: the client's encoding, with and without noise\n",
+    lines = ["# Distributed DP: the client's encoding, with and without noise\n",
              f"Client-level DP at ε = {EPSILON:g}, δ = {DELTA:g} over {ROUNDS} rounds (central noise multiplier "
              f"{z:.3f}, every client in every sum), {BITS} bits, clip norm {CLIP:g}; {result['machine']}; median of "
              "repeated encodings on a shared, noisy machine. Upload = field bits / 32 of the fp32 plaintext "
