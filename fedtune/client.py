@@ -206,28 +206,43 @@ _DDG: dict[tuple, object] = {}
 
 def _check_encoding(context: Context, encoding) -> None:
     """Distributed DP: this client adds the noise its own config calls for; a server asking
-    for other parameters (less noise, another clip) gets a refusal."""
-    node = deployed_node(context.node_config)
-    cfg = config_from_context(context) if node is None else local_config(config_from_context(context), node)
-    if not cfg.client_dp.enabled:  # nothing to check: no model to load at this key stage
-        return
-    from fedtune.model import get_adapter_state
+    for other parameters (less noise, another clip) gets a refusal.
+
+    Checked at advertise without the model: the plan is derived for the dimension the server
+    names, and collect refuses (before training or spending) an adapter of another size."""
     from fedtune.privacy.distributed import plan_for
 
-    s = setup(context)  # the adapter's size, from the model itself
+    node = deployed_node(context.node_config)
+    cfg = config_from_context(context) if node is None else local_config(config_from_context(context), node)
+    if not cfg.client_dp.enabled:
+        return
+    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
     if encoding.ddg is None:
-        raise FedtuneError(f"{s.name}: the server asks for secure aggregation without distributed-DP noise, but this "
+        raise FedtuneError(f"{who}: the server asks for secure aggregation without distributed-DP noise, but this "
                            "client's config has client_dp on; refusing to send an un-noised update")
-    dim = sum(v.numel() for v in get_adapter_state(s.m.model).values())
-    key = (cfg.client_dp, cfg.secagg, cfg.federation, dim)
+    key = (cfg.client_dp, cfg.secagg, cfg.federation, encoding.ddg.dim)
     if key not in _DDG:
-        _DDG[key] = plan_for(cfg, dim)
+        _DDG[key] = plan_for(cfg, encoding.ddg.dim)
     mine = _DDG[key].to_dict()
     asked = encoding.ddg.to_dict()
     diff = [f"{k}={asked[k]!r} (mine {mine[k]!r})" for k in mine if asked[k] != mine[k]]
     if diff:
-        raise FedtuneError(f"{s.name}: the server's distributed-DP parameters differ from this client's config: "
+        raise FedtuneError(f"{who}: the server's distributed-DP parameters differ from this client's config: "
                            f"{', '.join(diff)}; refusing the round")
+
+
+def _check_ddg_dim(msg: Message, context: Context, s: ClientSetup) -> None:
+    """Collect under distributed DP: the dimension checked at advertise must be the adapter's
+    (the global adapter sent is checked against the model before training)."""
+    from fedtune.secagg.flower import ENCODING, Encoding
+
+    if not s.cfg.client_dp.enabled or ENCODING not in context.state.config_records:
+        return
+    ddg = Encoding.from_json(context.state.config_records[ENCODING]["json"]).ddg
+    size = sum(int(a.numpy().size) for a in msg.content["arrays"].values())
+    if ddg is None or ddg.dim != size:
+        raise FedtuneError(f"{s.name}: the server's distributed-DP plan is for {ddg.dim if ddg else 0} values but the "
+                           f"adapter it sent has {size}; refusing the round")
 
 
 # Under secure aggregation only these metrics travel in the clear (the example count is
@@ -241,6 +256,11 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         s = setup(context)
     except FedtuneError as exc:
         return _error_reply(msg, "client setup", exc)
+    if secure:
+        try:
+            _check_ddg_dim(msg, context, s)
+        except (FedtuneError, KeyError) as exc:
+            return _error_reply(msg, s.name, exc)
     server_round = int(msg.content["config"]["server-round"])
     ledger = Ledger(ledger_path(s.run_dir, s.name))
     try:

@@ -191,6 +191,41 @@ def test_a_client_refuses_a_server_that_asks_for_less_noise(tmp_path, task_ident
     assert "local_stddev" in sec.lost[cheat]
 
 
+def test_a_client_refuses_at_collect_a_plan_for_another_adapter_size(tmp_path, task_identity):
+    """Advertise checks the plan for the dimension the server names (no model loaded); collect
+    refuses, before training or spending, when the adapter sent has another size."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedtune.data import client_name
+    from fedtune.model import resolve_model
+    from fedtune.privacy import Ledger
+    from fedtune.runfolder import ledger_path, run_dir_for
+    from fedtune.secagg.flower import ENCODING, Encoding
+    from fedtune.server import initial_adapter
+    from tests.test_secagg_flower import NODES, Grid
+
+    cheat = NODES[2]
+
+    def tamper(stage, node, msg):
+        if stage == "advertise" and node == cheat:  # self-consistent, but for a larger adapter
+            enc = Encoding.from_json(msg.content["config"][ENCODING])
+            other = ddg.plan_for(cfg, enc.ddg.dim + 8, noise_multiplier=None)
+            items = dict(msg.content["config"].items())
+            items[ENCODING] = Encoding(enc.bits, enc.clip, enc.max_weight, enc.n_max, other).to_json()
+            msg = Message(RecordDict({"config": ConfigRecord(items)}), dst_node_id=node, message_type=MessageType.TRAIN)
+        return msg
+
+    cfg = _ddg_cfg(tmp_path, "ddg", min_clients=3)
+    initial = initial_adapter(cfg, resolve_model(cfg.model.name))
+    grid = Grid(cfg, tamper=tamper)
+    sec, _, _ = _ddg_round(cfg, tmp_path / "ddg", grid, initial)
+    assert {stage for stage, node, reply in grid.seen if node == cheat and not reply.has_error()} == {"advertise", "share"}
+    assert cheat not in sec.included and "refusing the round" in sec.lost[cheat], sec.lost
+    assert f"adapter it sent has {sum(v.numel() for v in initial.values())}" in sec.lost[cheat]
+    ledger = Ledger(ledger_path(run_dir_for(cfg, 7), client_name(cfg, NODES.index(cheat))))  # Grid: run 7
+    assert not any(e["type"] == "spend" for e in ledger.entries())
+
+
 @pytest.mark.slow
 def test_a_simulation_with_distributed_dp_passes_the_audit(tmp_path):
     """Flower's simulation engine, tiny model, --secagg with client-level DP: the server ledger
