@@ -236,9 +236,9 @@ def _check_ddg_dim(msg: Message, context: Context, s: ClientSetup) -> None:
     (the global adapter sent is checked against the model before training)."""
     from fedtune.secagg.flower import ENCODING, Encoding
 
-    if not s.cfg.client_dp.enabled or ENCODING not in context.state.config_records:
+    if not s.cfg.client_dp.enabled:
         return
-    ddg = Encoding.from_json(context.state.config_records[ENCODING]["json"]).ddg
+    ddg = Encoding.from_json(context.state.config_records[ENCODING]["json"]).ddg  # KeyError: no advertise
     size = sum(int(a.numpy().size) for a in msg.content["arrays"].values())
     if ddg is None or ddg.dim != size:
         raise FedtuneError(f"{s.name}: the server's distributed-DP plan is for {ddg.dim if ddg else 0} values but the "
