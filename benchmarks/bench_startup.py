@@ -6,7 +6,8 @@ ClientApp and exits; ``--isolation process`` changes who starts it, not how many
 SecAgg+ stage and each evaluation pays for Python, the imports and the base model load.
 This measures, in a fresh process per repetition, what the ClientApp does before it can
 touch the message: interpreter start, importing the ClientApp, and fedtune's client setup
-(base model from the local safetensors cache, LoRA, tokenized local data).
+(base model from the local safetensors cache, LoRA, tokenized local data), for two kinds of
+message: a SecAgg+ key stage (no torch, no model) and an evaluation (the model).
 
     python benchmarks/bench_startup.py                    # default model, 5 repetitions
     python benchmarks/bench_startup.py --model tiny-random-llama --reps 2 --out /tmp/x
@@ -34,27 +35,79 @@ t0 = time.perf_counter()
 sys.path.insert(0, {root!r})
 import client.client_app  # what flwr-clientapp loads from the FAB
 t_import = time.perf_counter()
-from flwr.app import Context, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from fedtune import config as config_mod
-from fedtune.client import setup
-cfg = config_mod.load(None, {{"model.name": {model!r}}})
+from fedtune.client import handle_evaluate, handle_train, setup
+from fedtune.secagg.flower import ENCODING, STAGE, Encoding, to_record
+from fedtune.secagg.protocol import SecAggParams
+from fedtune.secagg.server import SecAggServer
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+cfg = config_mod.load(None, {{"model.name": {model!r}, "secagg.enabled": True, "data.max_eval_examples": 8}})
 node = {{"fedtune-client": "bench", "data-file": {data!r}, "budget": 8.0, "state-dir": {state!r}, "model-cache": "",
         "allow-seeded": False}}
-s = setup(Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config_mod.to_flat(cfg)))
-t_setup = time.perf_counter()
-print(json.dumps({{"import": t_import - t0, "setup": t_setup - t_import, "train_records": len(s.train)}}))
+ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config_mod.to_flat(cfg))
+if {kind!r} == "key":  # SecAgg+ advertise: what every key stage (advertise, share, unmask) loads
+    enc = Encoding(bits=24, clip=1.0, max_weight=1e6, n_max=3)
+    server = SecAggServer(SecAggParams(field_bits=enc.coder().field_bits, length=1000, degree=2, threshold=2, round=1),
+                          [1, 2, 3])
+    conf = to_record(server.advertise_request(), **{{STAGE: "advertise", "server-round": 1, ENCODING: enc.to_json()}})
+    t_heavy = t_setup = time.perf_counter()  # no model to set up
+    reply = handle_train(Message(RecordDict({{"config": conf}}), dst_node_id=1, message_type=MessageType.TRAIN), ctx)
+    records = 0
+else:  # evaluate: the base model, LoRA and local data, then the held-out loss of the adapter sent
+    import peft, transformers, fedtune.data, fedtune.model, fedtune.train  # what setup imports on first use
+    t_heavy = time.perf_counter()
+    s = setup(ctx)
+    t_setup = time.perf_counter()
+    arrays = ArrayRecord({{k: Array(np.load({adapter!r})[k]) for k in np.load({adapter!r}).files}})
+    reply = handle_evaluate(Message(RecordDict({{"arrays": arrays, "config": ConfigRecord({{"server-round": 1}})}}),
+                                    dst_node_id=1, message_type=MessageType.EVALUATE), ctx)
+    records = len(s.train)
+assert not reply.has_error(), reply.error.reason
+t_work = time.perf_counter()
+heavy = [m for m in ("torch", "transformers", "peft", "opacus", "datasets") if m in sys.modules]
+print(json.dumps({{"import": t_import - t0, "lazy": t_heavy - t_import, "setup": t_setup - t_heavy, "work": t_work - t_setup,
+                  "train_records": records, "heavy_modules": heavy}}))
 """
 
+PARTS = ("wall", "interpreter", "import", "lazy", "setup", "work")
 
-def one(model: str, data: str, state: str) -> dict:
-    code = CHILD.format(root=str(ROOT), model=model, data=data, state=state)
+
+def one(kind: str, model: str, data: str, state: str, adapter: str) -> dict:
+    code = CHILD.format(root=str(ROOT), kind=kind, model=model, data=data, state=state, adapter=adapter)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(res.stderr[-2000:])
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    return {**out, "wall": wall, "interpreter": wall - out["import"] - out["setup"]}
+    return {**out, "wall": wall, "startup": wall - out["work"],
+            "interpreter": wall - out["import"] - out["lazy"] - out["setup"] - out["work"]}
+
+
+def _adapter(model: str, path: Path) -> None:
+    """The initial global adapter, as the server would send it."""
+    import numpy as np
+
+    from fedtune import config as config_mod
+    from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model
+
+    cfg = config_mod.load(None, {"model.name": model})
+    m = add_lora(load_base_model(resolve_model(model), "cpu"), cfg, seed=cfg.run.seed)
+    np.savez(path, **{k: v.detach().cpu().numpy() for k, v in get_adapter_state(m).items()})
+
+
+def _table(runs: list[dict]) -> str:
+    med = {k: statistics.median(r[k] for r in runs) for k in ("startup", *PARTS)}
+    rows = "\n".join(f"| {i + 1} | {r['startup']:.2f} | {r['interpreter']:.2f} | {r['import']:.2f} | {r['lazy']:.2f} "
+                     f"| {r['setup']:.2f} | {r['work']:.2f} |" for i, r in enumerate(runs))
+    return (f"| rep | start-up s | interpreter start + exit s | import ClientApp s | torch etc. on first use s "
+            f"| setup (model + LoRA + data) s | handler work s |\n|---|---|---|---|---|---|---|\n{rows}\n"
+            f"| **median** | **{med['startup']:.2f}** | {med['interpreter']:.2f} | {med['import']:.2f} | {med['lazy']:.2f} "
+            f"| {med['setup']:.2f} | {med['work']:.2f} |\n")
 
 
 def main() -> None:
@@ -69,30 +122,40 @@ def main() -> None:
     from fedtune.model import resolve_model
 
     path = resolve_model(args.model)  # materialized once, before timing (a client's cache is warm)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "client.jsonl"
         train, heldout = client_data(config_mod.load(None, {"federation.clients": 4}), 0)
         data.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"]}) + "\n"
                                 for r in list(heldout) + list(train)))
-        one(args.model, str(data), tmp)  # warm the OS page cache, as on a client between rounds
-        runs = [one(args.model, str(data), tmp) for _ in range(args.reps)]
-    med = {k: statistics.median(r[k] for r in runs) for k in ("wall", "interpreter", "import", "setup")}
+        adapter = str(Path(tmp) / "adapter.npz")
+        _adapter(args.model, Path(adapter))
+        for kind in ("key", "evaluate"):
+            one(kind, args.model, str(data), tmp, adapter)  # warm the OS page cache, as on a client between rounds
+            results[kind] = [one(kind, args.model, str(data), tmp, adapter) for _ in range(args.reps)]
     weights = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    result = {"model": args.model, "model_path": path, "safetensors_bytes": weights, "reps": runs, "median": med,
+    med = {kind: {k: statistics.median(r[k] for r in runs) for k in ("startup", *PARTS)} for kind, runs in results.items()}
+    result = {"model": args.model, "model_path": path, "safetensors_bytes": weights, "reps": results, "median": med,
               "target_s": 5.0, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
               "load_average": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
-    rows = "\n".join(f"| {i + 1} | {r['wall']:.2f} | {r['interpreter']:.2f} | {r['import']:.2f} | {r['setup']:.2f} |"
-                     for i, r in enumerate(runs))
     (out / "startup.md").write_text(
         f"# Deployed client start-up per message ({args.model})\n\n"
         f"Fresh process per repetition (Flower 1.41 starts one ClientApp process per message); "
         f"base model {weights / 1e6:.0f} MB of safetensors in the local cache, page cache warm. "
-        f"Machine: {result['machine']}; load average at the end {result['load_average'][0]:.1f} (shared machine).\n\n"
-        f"| rep | total s | interpreter s | import ClientApp s | setup (model + LoRA + data) s |\n|---|---|---|---|---|\n"
-        f"{rows}\n| **median** | **{med['wall']:.2f}** | {med['interpreter']:.2f} | {med['import']:.2f} | {med['setup']:.2f} |\n\n"
+        f"Machine: {result['machine']}; load average at the end {result['load_average'][0]:.1f} (shared machine). "
+        f"Start-up = process start to the moment the handler can do the message's own work "
+        f"(interpreter start and exit + importing the ClientApp + imports on first use + setup); handler work is that "
+        f"work, not start-up. A process that imported torch also takes longer to exit.\n\n"
+        f"## SecAgg+ key stage (advertise; share and unmask load the same)\n\n"
+        f"No torch, transformers, peft, opacus or datasets is imported "
+        f"(imported: {results['key'][0]['heavy_modules'] or 'none'}); handler work = key generation and reply.\n\n"
+        f"{_table(results['key'])}\n"
+        f"## Evaluate (training loads the same plus opacus, then trains)\n\n"
+        f"Handler work = held-out loss on at most 8 examples (data.max_eval_examples = 8).\n\n"
+        f"{_table(results['evaluate'])}\n"
         f"Target ≤ 5 s. Not included: Flower's own per-message work (starting `flwr-clientapp`, pulling the message "
         f"and the FAB, replying), which the deployment test's rounds include.\n")
     print((out / "startup.md").read_text())

@@ -18,27 +18,28 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedtune import config as config_mod
 from fedtune.aggregation import kept, set_trainable, shared
-from fedtune.data import TokenizedData, client_examples, client_name
 from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
-from fedtune.model import (
-    add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
-    resolve_precision, set_adapter_state,
-)
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
-from fedtune.privacy.empirical import PLANT_FILE, planted_records
 from fedtune.runfolder import (
     atomic_write_bytes, client_dir, kept_adapter_path, ledger_path, now, read_json, run_dir_for, write_json,
 )
 from fedtune.secagg.flower import STAGE, LocalUpdate, handle_stage
-from fedtune.train import DPParams, evaluate, train_round
+
+# torch, transformers, peft, opacus and datasets are imported where a message needs them:
+# a deployed client runs each message in a fresh process, and the SecAgg+ key stages
+# (advertise, share, unmask) need none of them.
+if TYPE_CHECKING:
+    import torch
+
+    from fedtune.data import TokenizedData
 
 ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
 UNIT = "one training record (example) of this client's data; neighbouring data sets differ by adding or removing one record"
@@ -78,6 +79,13 @@ def config_from_context(context: Context) -> config_mod.Config:
 def _model(cfg: config_mod.Config) -> _Model:
     key = (cfg.model, cfg.lora, cfg.run.seed)
     if key not in _MODELS:
+        import torch
+
+        from fedtune.model import (
+            add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
+            resolve_precision,
+        )
+
         _MODELS.clear()  # one base model per process
         # train.threads, else the cores Ray gave this simulated client (it sets OMP_NUM_THREADS),
         # else torch's default (all cores of a deployed client's machine).
@@ -100,6 +108,8 @@ def setup(context: Context) -> ClientSetup:
         return _deployed_setup(local_config(cfg, node), node)
     index = int(context.node_config.get("partition-id", 0))
     partitions = context.node_config.get("num-partitions")
+    from fedtune.data import client_examples, client_name
+
     if partitions is not None and int(partitions) != cfg.num_clients:
         raise FedtuneError(
             f"the federation has {partitions} simulated clients but the config wants {cfg.num_clients}; "
@@ -129,6 +139,8 @@ def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
     """This client's share of the audit's planted records (simulation only)."""
     if not (cfg.audit.canaries or cfg.audit.secrets):
         return []
+    from fedtune.privacy.empirical import PLANT_FILE, planted_records
+
     path = run_dir / PLANT_FILE
     if not path.is_file():
         raise FedtuneError(f"{path} is missing: the server plants audit records before round 0; rerun the simulation")
@@ -189,6 +201,8 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
     Seeded from the OS's entropy each round; privacy.seed (tests only) makes them
     reproducible, and the ledger's plan records that the guarantee then does not hold.
     """
+    import torch
+
     if s.cfg.privacy.seed >= 0:
         seed = s.cfg.privacy.seed * 1_000_003 + s.index * 1009 + server_round
         seeds = (seed, seed + 1)
@@ -226,26 +240,43 @@ _DDG: dict[tuple, object] = {}
 
 def _check_encoding(context: Context, encoding) -> None:
     """Distributed DP: this client adds the noise its own config calls for; a server asking
-    for other parameters (less noise, another clip) gets a refusal."""
+    for other parameters (less noise, another clip) gets a refusal.
+
+    Checked at advertise without the model: the plan is derived for the dimension the server
+    names, and collect refuses (before training or spending) an adapter of another size."""
     from fedtune.privacy.distributed import plan_for
 
-    s = setup(context)
-    cfg = s.cfg
+    node = deployed_node(context.node_config)
+    cfg = config_from_context(context) if node is None else local_config(config_from_context(context), node)
     if not cfg.client_dp.enabled:
         return
+    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
     if encoding.ddg is None:
-        raise FedtuneError(f"{s.name}: the server asks for secure aggregation without distributed-DP noise, but this "
+        raise FedtuneError(f"{who}: the server asks for secure aggregation without distributed-DP noise, but this "
                            "client's config has client_dp on; refusing to send an un-noised update")
-    dim = sum(v.numel() for v in shared(cfg.federation.aggregation, get_adapter_state(s.m.model)).values())
-    key = (cfg.client_dp, cfg.secagg, cfg.federation, dim)
+    key = (cfg.client_dp, cfg.secagg, cfg.federation, encoding.ddg.dim)
     if key not in _DDG:
-        _DDG[key] = plan_for(cfg, dim)
+        _DDG[key] = plan_for(cfg, encoding.ddg.dim)
     mine = _DDG[key].to_dict()
     asked = encoding.ddg.to_dict()
     diff = [f"{k}={asked[k]!r} (mine {mine[k]!r})" for k in mine if asked[k] != mine[k]]
     if diff:
-        raise FedtuneError(f"{s.name}: the server's distributed-DP parameters differ from this client's config: "
+        raise FedtuneError(f"{who}: the server's distributed-DP parameters differ from this client's config: "
                            f"{', '.join(diff)}; refusing the round")
+
+
+def _check_ddg_dim(msg: Message, context: Context, s: ClientSetup) -> None:
+    """Collect under distributed DP: the dimension checked at advertise must be the adapter's
+    (the global adapter sent is checked against the model before training)."""
+    from fedtune.secagg.flower import ENCODING, Encoding
+
+    if not s.cfg.client_dp.enabled:
+        return
+    ddg = Encoding.from_json(context.state.config_records[ENCODING]["json"]).ddg  # KeyError: no advertise
+    size = sum(int(a.numpy().size) for a in msg.content["arrays"].values())
+    if ddg is None or ddg.dim != size:
+        raise FedtuneError(f"{s.name}: the server's distributed-DP plan is for {ddg.dim if ddg else 0} values but the "
+                           f"adapter it sent has {size}; refusing the round")
 
 
 # Under secure aggregation only these metrics travel in the clear (the example count is
@@ -259,6 +290,11 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         s = setup(context)
     except FedtuneError as exc:
         return _error_reply(msg, "client setup", exc)
+    if secure:
+        try:
+            _check_ddg_dim(msg, context, s)
+        except (FedtuneError, KeyError) as exc:
+            return _error_reply(msg, s.name, exc)
     server_round = int(msg.content["config"]["server-round"])
     ledger = Ledger(ledger_path(s.run_dir, s.name))
     try:
@@ -277,6 +313,11 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
                        "reason": decision.reason, "time": now()})
         return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0},
                            {"name": s.name, "reason": decision.reason})
+
+    import torch
+
+    from fedtune.model import get_adapter_state, set_adapter_state
+    from fedtune.train import DPParams, train_round
 
     try:
         global_state = msg.content["arrays"].to_torch_state_dict()
@@ -329,6 +370,9 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:
+    from fedtune.model import set_adapter_state
+    from fedtune.train import evaluate
+
     try:
         s = setup(context)
         set_adapter_state(s.m.model, full_adapter(s, msg.content["arrays"].to_torch_state_dict()))

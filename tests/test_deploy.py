@@ -222,3 +222,63 @@ def test_after_every_client_joined_a_round_goes_ahead_without_a_dead_one(task_id
     arrays = ArrayRecord([np.zeros(2)])
     assert sorted(m.metadata.dst_node_id for m in strategy.configure_train(2, arrays, ConfigRecord(), Grid())) == [1, 2, 3]
     assert len(list(strategy.configure_evaluate(2, arrays, ConfigRecord(), Grid()))) == 3
+
+
+# A deployed client runs each message in a fresh process: the SecAgg+ key stages must not
+# pay for torch and the model. Collect trains through a zero update here (no model), so the
+# whole round (advertise, share, collect, unmask) runs through the real handlers.
+KEY_STAGES_CHILD = r"""
+import sys
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, RecordDict
+import client.client_app
+from fedtune import config
+from fedtune.client import handle_train
+from fedtune.secagg.flower import STAGE, Encoding, LocalUpdate, handle_stage, secure_train
+from flwr.supercore.task_identity import TaskIdentity
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # messages outside a running app
+
+HEAVY = ("torch", "transformers", "peft", "opacus", "datasets", "flwr_datasets")
+cfg = config.load(sys.argv[1]).replace(run={"dir": sys.argv[2]}, federation={"clients": 3}, secagg={"enabled": True})
+nodes = [11, 22, 33]
+contexts = {n: Context(run_id=1, node_id=n, node_config={"partition-id": i, "num-partitions": 3}, state=RecordDict(),
+                       run_config=config.to_flat(cfg)) for i, n in enumerate(nodes)}
+arrays = ArrayRecord({"w": Array(np.zeros(6, np.float32))})
+stages = []
+
+class Grid:
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for msg in messages:
+            node, stage = msg.metadata.dst_node_id, str(msg.content["config"][STAGE])
+            if stage == "collect":
+                update = LocalUpdate({"w": np.full(6, 0.5, np.float32)}, 2.0, {}, {"name": str(node)})
+                reply = handle_stage(msg, contexts[node], lambda m: update)
+            else:
+                reply = handle_train(msg, contexts[node])
+                stages.append((stage, [m for m in HEAVY if m in sys.modules]))
+            assert not reply.has_error(), reply.error.reason
+            reply.metadata.__dict__["_src_node_id"] = node
+            replies.append(reply)
+        return replies
+
+enc = Encoding(bits=24, clip=1.0, max_weight=10.0, n_max=3)
+out = secure_train(Grid(), nodes, 1, arrays, enc, degree=2, threshold=2, timeout=10)
+assert out.aborted is None or out.aborted == "", out.aborted
+assert np.allclose(out.arrays["w"].numpy(), 0.5, atol=1e-4), out.arrays["w"].numpy()
+print(stages)
+assert {s for s, _ in stages} == {"advertise", "share", "unmask"} and all(not heavy for _, heavy in stages), stages
+"""
+
+
+def test_secagg_key_stages_import_no_torch_or_model(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-c", KEY_STAGES_CHILD, str(ROOT / "simulations" / "tiny.toml"),
+                          str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "advertise" in res.stdout

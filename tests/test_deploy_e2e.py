@@ -44,17 +44,18 @@ def test_deployment_survives_a_killed_client_and_turns_away_strangers(federation
     fed.start_server()
     assert "TLS, SuperNode authentication; 4 client key(s) registered" in fed.log("server")
 
+    # The strangers knock while the federation starts and runs (the rogue's retries for a
+    # key registered late take 30 s; this overlaps them with the run instead of waiting).
     rogue = fed.start_client("rogue")  # a valid key the server does not know
     fed.client_config("plain", key="keys/clinic-a", data="data/clinic-a.jsonl")
     plain = fed.start_client("plain", "--insecure")  # no TLS against a TLS server
+    for name in NAMES:
+        fed.start_client(name)
+    runner = fed.start("run", "run", str(fed.root / "server.toml"))
     wait_for(lambda: rogue.poll() is not None, 120, "the unregistered client to be turned away")
     assert rogue.returncode == 1 and "Failed to activate SuperNode" in fed.log("rogue")
     assert "its key is not registered" in fed.log("rogue")
     assert "WARNING: --insecure" in fed.log("plain")
-
-    for name in NAMES:
-        fed.start_client(name)
-    runner = fed.start("run", "run", str(fed.root / "server.toml"))
     wait_for(lambda: (fed.root / "runs").exists() and any((fed.root / "runs").iterdir()), 120, "the run folder")
     run_dir = fed.run_dir()
 

@@ -164,31 +164,58 @@ def test_a_dropout_is_accounted_with_the_noise_actually_in_the_sum(tmp_path, tas
     assert 0 < change < 10 * cfg.client_dp.clip_norm
 
 
-def test_a_client_refuses_a_server_that_asks_for_less_noise(tmp_path, task_identity):
+def _round_with_a_cheat(tmp_path, cheat, plan_for_cheat):
+    """A secure DDG round in which the server sends ``cheat`` the plan ``plan_for_cheat(cfg,
+    asked)`` at advertise instead of the one it asks of the others: (round, grid, initial, cfg)."""
     from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
     from fedtune.model import resolve_model
     from fedtune.secagg.flower import ENCODING, Encoding
     from fedtune.server import initial_adapter
-    from tests.test_secagg_flower import NODES, Grid
+    from tests.test_secagg_flower import Grid
 
-    cheat = NODES[2]
+    cfg = _ddg_cfg(tmp_path, "ddg", min_clients=3)
 
     def tamper(stage, node, msg):
         if stage == "advertise" and node == cheat:
             enc = Encoding.from_json(msg.content["config"][ENCODING])
-            weaker = ddg.DDGPlan(**{**enc.ddg.to_dict(), "local_stddev": enc.ddg.local_stddev / 10})
             items = dict(msg.content["config"].items())
-            items[ENCODING] = Encoding(enc.bits, enc.clip, enc.max_weight, enc.n_max, weaker).to_json()
+            other = plan_for_cheat(cfg, enc.ddg)
+            items[ENCODING] = Encoding(enc.bits, enc.clip, enc.max_weight, enc.n_max, other).to_json()
             msg = Message(RecordDict({"config": ConfigRecord(items)}), dst_node_id=node, message_type=MessageType.TRAIN)
         return msg
 
-    cfg = _ddg_cfg(tmp_path, "ddg", min_clients=3)
     initial = initial_adapter(cfg, resolve_model(cfg.model.name))
     grid = Grid(cfg, tamper=tamper)
-    sec, ledger, _ = _ddg_round(cfg, tmp_path / "ddg", grid, initial)
+    sec, _, _ = _ddg_round(cfg, tmp_path / "ddg", grid, initial)
+    return sec, grid, initial, cfg
+
+
+def test_a_client_refuses_a_server_that_asks_for_less_noise(tmp_path, task_identity):
+    from tests.test_secagg_flower import NODES
+
+    cheat = NODES[2]
+    sec, _, _, _ = _round_with_a_cheat(
+        tmp_path, cheat, lambda cfg, asked: ddg.DDGPlan(**{**asked.to_dict(), "local_stddev": asked.local_stddev / 10}))
     assert cheat not in sec.included and "differ from this client's config" in sec.lost[cheat]
     assert "local_stddev" in sec.lost[cheat]
+
+
+def test_a_client_refuses_at_collect_a_plan_for_another_adapter_size(tmp_path, task_identity):
+    """Advertise checks the plan for the dimension the server names (no model loaded); collect
+    refuses, before training or spending, when the adapter sent has another size."""
+    from fedtune.data import client_name
+    from fedtune.privacy import Ledger
+    from fedtune.runfolder import ledger_path, run_dir_for
+    from tests.test_secagg_flower import NODES
+
+    cheat = NODES[2]  # gets a self-consistent plan, but for a larger adapter
+    sec, grid, initial, cfg = _round_with_a_cheat(tmp_path, cheat, lambda cfg, asked: ddg.plan_for(cfg, asked.dim + 8))
+    assert {stage for stage, node, reply in grid.seen if node == cheat and not reply.has_error()} == {"advertise", "share"}
+    assert cheat not in sec.included and "refusing the round" in sec.lost[cheat], sec.lost
+    assert f"adapter it sent has {sum(v.numel() for v in initial.values())}" in sec.lost[cheat]
+    ledger = Ledger(ledger_path(run_dir_for(cfg, 7), client_name(cfg, NODES.index(cheat))))  # Grid: run 7
+    assert not any(e["type"] == "spend" for e in ledger.entries())
 
 
 @pytest.mark.slow

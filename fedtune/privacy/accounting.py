@@ -8,23 +8,35 @@ independent implementation used to check recorded numbers.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
 from typing import Sequence
 
-from opacus.accountants import RDPAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+# Opacus (and torch with it) is imported on first use: a deployed client's secure-aggregation
+# key stages import this package but never compute ε.
 
 History = Sequence[tuple[float, float, int]]
 
-# RDP orders: Opacus' defaults plus large ones, which small data sets at large ε need
-# (otherwise the best order sits at the edge and ε is looser than it should be).
-RDP_ORDERS = sorted(set(RDPAccountant.DEFAULT_ALPHAS) | {80, 96, 128, 192, 256, 384, 512, 1024})
+
+@functools.cache
+def rdp_orders() -> list[float]:
+    """RDP orders: Opacus' defaults plus large ones, which small data sets at large ε need
+    (otherwise the best order sits at the edge and ε is looser than it should be)."""
+    from opacus.accountants import RDPAccountant
+
+    return sorted(set(RDPAccountant.DEFAULT_ALPHAS) | {80, 96, 128, 192, 256, 384, 512, 1024})
+
+
+def __getattr__(name: str):
+    if name == "RDP_ORDERS":
+        return rdp_orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _options(accountant: str) -> dict:
-    return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
+    return {"alphas": rdp_orders()} if accountant == "rdp" else {}
 
 
 def merged(history: History) -> list[tuple[float, float, int]]:
@@ -48,6 +60,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
         return 0.0
     if any(s <= 0 for s, _, _ in history):
         return math.inf
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = history
     return float(acc.get_epsilon(delta=delta, **_options(accountant)))
@@ -55,6 +69,8 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """The smallest σ (to 0.01 in ε) whose ``steps`` steps at ``sample_rate`` stay within ε."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():  # the search probes huge σ, where the best order is the largest
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(get_noise_multiplier(
@@ -77,7 +93,7 @@ def epsilon_independent(history: History, delta: float, accountant: str = "rdp")
     if not events:
         return 0.0
     if accountant == "rdp":
-        acc = rdp.RdpAccountant(orders=RDP_ORDERS)  # the same orders, another implementation
+        acc = rdp.RdpAccountant(orders=rdp_orders())  # the same orders, another implementation
     else:
         acc = pld.PLDAccountant()
     absl = logging.getLogger("absl")
