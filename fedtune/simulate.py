@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 
 from fedtune import config as config_mod
 from fedtune.errors import FedtuneError
@@ -203,25 +201,11 @@ class LocalSuperLink:
 
     def stop(self) -> None:
         """Stop the SuperLink and every process it started (SuperExec, simulation, Ray)."""
+        from fedtune.deploy.launch import stop_tree
+
         if self.proc is None:
             return
-        try:
-            family = [psutil.Process(self.proc.pid)]
-            family += family[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            family = []
-        for p in family:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(family, timeout=10)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        stop_tree(self.proc)
         self.proc = None
 
 
