@@ -75,14 +75,45 @@ def _write(result: dict, out: Path) -> None:
         rows.append(f"| {p['aggregation']} | {eps} | {p['upload_bytes']} | {a['base']:.2f} | {a['local']:.2f} | "
                     f"{a['global']:.2f} | {a['personalized']:.2f} | {w['global']:.2f} | {w['personalized']:.2f} | "
                     f"{'–' if p['failed'] is None else p['failed']} | {p['seconds'] / 60:.1f} |")
+    sections = []
+    for p in points:
+        clients = p["clients"]
+        better = sum(c["perplexity"]["personalized"] < c["perplexity"]["global"] for c in clients)
+        a = p["average"]
+        lines = [f"### {p['label']}", "",
+                 f"Personalized beats global for {better} of {len(clients)} clients; mean global "
+                 f"{a['global']:.2f} vs local-only {a['local']:.2f} "
+                 f"({'global better' if a['global'] < a['local'] else 'local-only better'}).", "",
+                 "| client | train records | held-out records | ppl base | ppl local-only | ppl global | ppl personalized "
+                 "| acc. majority label | acc. base | acc. local-only | acc. global | acc. personalized |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for c in clients:
+            acc = c.get("accuracy")
+            lines.append(f"| {c['client']} | {c['train_records']} | {c['heldout_records']} | "
+                         + " | ".join(f"{c['perplexity'][m]:.2f}" for m in MODELS) + " | "
+                         + (f"{c['majority_accuracy']:.1%} | " + " | ".join(f"{acc[m]:.1%}" for m in MODELS)
+                            if acc else " | ".join(["–"] * 5)) + " |")
+        accs = p.get("accuracy")
+        for stat in ("average", "worst"):
+            lines.append(f"| **{stat}** | | | " + " | ".join(f"{p[stat][m]:.2f}" for m in MODELS) + " | "
+                         + ((f"{accs['majority']:.1%} | " if stat == "average" else " | ")
+                            + " | ".join(f"{accs[stat][m]:.1%}" for m in MODELS) if accs else " | ".join(["–"] * 5))
+                         + " |")
+        if p.get("plot"):
+            lines += ["", f"![{p['label']}]({p['plot']})"]
+        sections.append("\n".join(lines))
     (out / "personalize.md").write_text(
         f"# Aggregation and personalization\n\n{result['setup']}\n\n"
         "| aggregation | ε federated → after personalization (max over clients) | upload bytes per client per round | "
         "mean base | mean local-only | mean global | mean personalized | worst global | worst personalized | "
         "failed client replies (train + evaluate) | minutes |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
-        "\n\nHeld-out perplexity per client, averaged over clients (mean) and of the worst client. "
-        "![per-client perplexity](personalize.png)\n")
+        "\n\nHeld-out perplexity per client, averaged over clients (mean) and of the worst client (lower is better). "
+        "Rating accuracy (the drug reviews' rating class: negative / neutral / positive) is scored by label "
+        "likelihood: a held-out review counts as right when the true rating in its prompt makes the review more "
+        "likely than the other ratings do; the majority-label column always answers the client's most common "
+        "training rating.\n\n![mean and worst client](personalize.png)\n\n## Per client\n\n"
+        + "\n\n".join(sections) + "\n")
 
 
 def main() -> None:
@@ -137,10 +168,19 @@ def main() -> None:
                 "upload_bytes": max(u for u in uploads if u is not None),
                 "base_perplexity_pooled": summary["base_perplexity"], "final_perplexity_pooled": summary["final_perplexity"],
                 "average": pers["average"], "worst": pers["worst"], "clients": pers["clients"],
+                "accuracy": pers.get("accuracy"), "plot": _copy_plot(run_dir, Path(args.out), aggregation, setting),
                 "seconds": time.perf_counter() - t0, "run_dir": str(run_dir),
             })
             _write(result, Path(args.out))
     print(json.dumps(result["points"], indent=2))
+
+
+def _copy_plot(run_dir: Path, out: Path, aggregation: str, setting: str) -> str:
+    """The run's per-client plot, next to the results; its file name."""
+    name = f"personalize_{aggregation}_{setting}.png"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_bytes((run_dir / "personalization.png").read_bytes())
+    return name
 
 
 def _failed(run_dir: Path) -> int | None:

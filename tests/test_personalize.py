@@ -42,6 +42,10 @@ def test_personalized_adapters_load_in_plain_peft(tmp_path, tiny_path):
     for c in result["clients"]:
         assert c["status"] == "ok" and c["train_records"] > 0 and c["heldout_records"] > 0
         assert all(math.isfinite(v) and v > 1 for v in c["perplexity"].values())
+        assert set(c["accuracy"]) == set(c["perplexity"]) and all(0 <= v <= 1 for v in c["accuracy"].values())
+        assert 0 < c["labelled_records"] <= c["heldout_records"] and 0 <= c["majority_accuracy"] <= 1
+    assert result["accuracy"]["worst"]["global"] == min(c["accuracy"]["global"] for c in result["clients"])
+    assert "Rating accuracy by label likelihood" in (tmp_path / "personalization.md").read_text()
     assert result["worst"]["global"] == max(c["perplexity"]["global"] for c in result["clients"])
     folder = personalized_dir(tmp_path, "client-0")
     saved = load_file(str(folder / "adapter_model.safetensors"))
@@ -110,3 +114,31 @@ def test_adapter_state_is_a_copy_not_the_live_parameters(tiny_lora):
             if p.requires_grad:
                 p.add_(1.0)
     assert all(torch.equal(before[k], saved[k]) for k in saved)
+
+
+def test_rating_choices_share_the_completion_and_accuracy_picks_the_likeliest_label(tiny_lora, monkeypatch):
+    from fedtune import train
+    from fedtune.data import RATINGS, TokenizedData, client_data, label_choices
+
+    cfg, tokenizer, model = tiny_lora
+    heldout = client_data(cfg, 0)[1].select(range(5))
+    choices, truth, labels = label_choices(cfg, heldout, tokenizer)
+    assert labels == RATINGS and truth == [RATINGS.index(r) for r in heldout["rating"]]
+    assert len(choices) == 3 * len(truth)
+    for i in range(len(truth)):
+        rows = range(3 * i, 3 * i + 3)
+        completions = {tuple(choices.ids[j][choices.starts[j]:].tolist()) for j in rows}
+        assert len(completions) == 1  # the same review tokens under every label
+        prompts = [tokenizer.decode(choices.ids[j][:choices.starts[j]]) for j in rows]
+        assert [f"Rating: {label}" in p for p, label in zip(prompts, RATINGS)] == [True] * 3
+    assert label_choices(cfg.replace(data={"source": "x.jsonl"}), heldout, tokenizer) is None  # unlabelled data
+
+    # The real scorer agrees with scoring each variant on its own (order is restored after length sorting).
+    kw = dict(batch_size=4, device=torch.device("cpu"), amp_dtype=None, pad_id=tokenizer.pad_token_id)
+    alone = [train.evaluate(model, TokenizedData([choices.ids[j]], [choices.starts[j]]), **kw)[0] for j in range(len(choices))]
+    expected = sum(min(range(3), key=lambda k: alone[3 * i + k]) == t for i, t in enumerate(truth)) / len(truth)
+    assert train.label_accuracy(model, choices, truth, **kw) == pytest.approx(expected)
+    # And it scores the label with the lowest loss: one forced NLL table, known answer.
+    nll = [1.0, 0.5, 2.0, 0.1, 3.0, 3.0]  # record 0 -> label 1, record 1 -> label 0
+    monkeypatch.setattr(train, "completion_nll", lambda *a, **k: (nll, [1] * 6))
+    assert train.label_accuracy(model, choices, [1, 2], **kw) == 0.5

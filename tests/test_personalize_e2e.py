@@ -43,6 +43,7 @@ def test_ffa_simulation_with_personalization_writes_a_sane_per_client_report(tmp
         assert set(ppl) == {"base", "local", "global", "personalized"}
         assert all(math.isfinite(v) and 1 < v < 1000 for v in ppl.values())
         assert (run_dir / c["adapter"] / "adapter_model.safetensors").is_file()
+        assert set(c["accuracy"]) == set(ppl) and all(0 <= v <= 1 for v in c["accuracy"].values())
     # Fine-tuning on each client's own records helps on average (a random tiny model: small gains).
     assert report["average"]["personalized"] < report["average"]["base"]
     assert report["worst"]["personalized"] == max(c["perplexity"]["personalized"] for c in report["clients"])
