@@ -7,7 +7,8 @@ round are bit-exact equal, and so are the audits (each client's ε per round and
 
 Bit-exact although SecAgg+ quantizes: the test seed also fixes each client's stochastic
 rounding, the masks cancel exactly in the integer sum, and the server decodes that sum the
-same way, so equal client updates give equal field elements and an equal average."""
+same way, so equal client updates give equal field elements and an equal average.
+The simulation runs while the deployment does; about 4 min on a loaded 2-core machine."""
 
 from __future__ import annotations
 
