@@ -69,6 +69,23 @@ def _personalize_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
 
 
+def _data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare client data files")
+    dsub = p.add_subparsers(dest="action", required=True)
+    e = dsub.add_parser(
+        "export", help="write each simulated client's records to a data file for a deployed client",
+        description="One .jsonl per client (prompt, completion, split = train | heldout): a deployed client "
+                    "given the file trains and evaluates on exactly the records the simulated client of the "
+                    "same config would, in the same order.",
+    )
+    e.add_argument("config", nargs="?", help="TOML config (default: built-in defaults)")
+    e.add_argument("--out", required=True, help="folder for the files (<name>.jsonl)")
+    e.add_argument("--clients", type=int, help="number of clients (federation.clients)")
+    e.add_argument("--data", help="built-in data set name or .jsonl/.csv/.parquet file (data.source)")
+    e.add_argument("--names", help="comma-separated client names, one per client (default: client-0, client-1, ...)")
+    e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override any config key")
+
+
 def _overrides(args) -> dict:
     from fedtune.config import parse_assignment
 
@@ -264,6 +281,23 @@ def cmd_audit(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_data(args) -> int:
+    from fedtune import config as config_mod
+    from fedtune.config import parse_assignment
+    from fedtune.data import export_clients
+
+    overrides = dict(parse_assignment(item) for item in args.set)
+    if args.clients is not None:
+        overrides["federation.clients"] = args.clients
+    if args.data is not None:
+        overrides["data.source"] = args.data
+    cfg = config_mod.load(args.config, overrides)
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    for path in export_clients(cfg, args.out, names):
+        print(path)
+    return 0
+
+
 def cmd_personalize(args) -> int:
     from fedtune.config import parse_assignment
     from fedtune.personalize import MD, personalize
@@ -291,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     _simulate_parser(sub)
     _audit_parser(sub)
     _personalize_parser(sub)
+    _data_parser(sub)
     from fedtune.deploy.cli import add_parsers
 
     add_parsers(sub)
@@ -304,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, **COMMANDS}
+        commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, "data": cmd_data,
+                    **COMMANDS}
         return commands[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)

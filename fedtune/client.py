@@ -11,6 +11,7 @@ worker (a Ray actor serving many clients) loads the model once, not once per rou
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import secrets
@@ -195,6 +196,16 @@ def _plan(ledger: Ledger, s: ClientSetup) -> Plan:
     return plan
 
 
+def reproducible_seed(s: ClientSetup, server_round: int, purpose: str) -> bytes | None:
+    """32 bytes for ``purpose`` (tests only: privacy.seed ≥ 0), else None (use the OS's entropy).
+
+    Derived from the client's name, not its partition index or node id, so a deployed client
+    and the simulated client of the same name draw the same batches, noise and rounding."""
+    if s.cfg.privacy.seed < 0:
+        return None
+    return hashlib.sha256(f"fedtune-test-seed|{s.cfg.privacy.seed}|{s.name}|{server_round}|{purpose}".encode()).digest()
+
+
 def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, torch.Generator]:
     """Sampling (CPU) and noise (model device) generators.
 
@@ -203,9 +214,9 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
     """
     import torch
 
-    if s.cfg.privacy.seed >= 0:
-        seed = s.cfg.privacy.seed * 1_000_003 + s.index * 1009 + server_round
-        seeds = (seed, seed + 1)
+    fixed = [reproducible_seed(s, server_round, purpose) for purpose in ("sampling", "noise")]
+    if fixed[0] is not None:
+        seeds = tuple(int.from_bytes(f[:8], "big") >> 1 for f in fixed)
     else:
         seeds = (secrets.randbits(63), secrets.randbits(63))
     sampling = torch.Generator().manual_seed(seeds[0])
@@ -312,7 +323,7 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
                        "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
                        "reason": decision.reason, "time": now()})
         return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0},
-                           {"name": s.name, "reason": decision.reason})
+                           {"name": s.name, "reason": decision.reason}, reproducible_seed(s, server_round, "encoding"))
 
     import torch
 
@@ -366,7 +377,7 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
     if secure:
         metrics = {k: metrics[k] for k in REVEALED_UNDER_SECAGG}
     return LocalUpdate({k: v.numpy() for k, v in state.items()} if secure else state, float(len(s.train)), metrics,
-                       {"name": s.name, "ledger-head": entry["hash"]})
+                       {"name": s.name, "ledger-head": entry["hash"]}, reproducible_seed(s, server_round, "encoding"))
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

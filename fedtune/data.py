@@ -3,7 +3,10 @@ clients, hold out an evaluation split per client, tokenize and batch.
 
 Every record becomes ``prompt`` + ``completion``; the loss covers completion tokens only
 (a plain ``text`` field is a completion with an empty prompt). Partitions and splits are
-deterministic in ``run.seed``, so every process computes the same ones.
+deterministic in ``run.seed``, so every process computes the same ones. A file with a
+``split`` column (``train`` / ``heldout``) fixes each record's side itself: the client keeps
+its records in file order, with no shuffle and no ``data.eval_fraction`` split, which is how
+a deployed client reproduces a simulated client's records exactly (``export_clients``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import html
 import importlib.util
 import io
+import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,9 @@ from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Part
 from fedtune.errors import FedtuneError
 
 BUILTIN_DATA = ("drugreview",)
+SPLIT_FIELD = "split"  # optional column: each record's side, one of SPLITS
+SPLITS = ("train", "heldout")
+_ROW = "__fedtune_row"  # the record's position in the file, to restore file order after partitioning
 _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -102,7 +109,20 @@ def load_records(source: str, text_field: str, prompt_field: str, completion_fie
         raise FedtuneError(f"data file {path}: record {bad[0] + 1} has a missing or non-text value; fix or drop it")
     if len(ds) == 0:
         raise FedtuneError(f"data file {path} has no records")
+    if SPLIT_FIELD in cols:
+        _check_split(ds[SPLIT_FIELD], path)
     return ds
+
+
+def _check_split(values: list, path: Path) -> None:
+    for i, v in enumerate(values):
+        if v not in SPLITS:
+            raise FedtuneError(f"data file {path}: record {i + 1} has {SPLIT_FIELD} = {v!r}; use 'train' or "
+                               f"'heldout' (or drop the {SPLIT_FIELD} column to hold out data.eval_fraction)")
+    for side in SPLITS:
+        if side not in values:
+            raise FedtuneError(f"data file {path}: no record has {SPLIT_FIELD} = '{side}'; mark at least one "
+                               f"(or drop the {SPLIT_FIELD} column to hold out data.eval_fraction)")
 
 
 # ---- partitioning ----------------------------------------------------------------------
@@ -165,6 +185,9 @@ def _client_splits(source, fields, partition, partition_by, alpha, seed, clients
             f"data.partition={partition} needs the field '{partition_by}', which the data lacks "
             f"(columns: {sorted(ds.column_names)}); set data.partition_by or use data.partition=iid"
         )
+    fixed = SPLIT_FIELD in ds.column_names  # the file says which records are held out
+    if fixed:
+        ds = ds.add_column(_ROW, list(range(len(ds))))
     if partition == "iid":
         ds = ds.shuffle(seed=seed)
     partitioner = _partitioner(cfg, clients)
@@ -183,24 +206,68 @@ def _client_splits(source, fields, partition, partition_by, alpha, seed, clients
                 f"client {pid}'s partition has {len(part)} record(s): {len(ds)} records cannot fill {clients} "
                 f"clients with data.partition={partition}; use fewer clients or data.partition=iid"
             )
+        if fixed:
+            splits.append(_fixed_split(part, pid))
+            continue
         part = part.shuffle(seed=seed + pid)
         n_eval = min(max(1, round(len(part) * eval_fraction)), len(part) - 1)
         splits.append((part.select(range(n_eval, len(part))), part.select(range(n_eval))))
     return splits
 
 
-def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
-    """(train, held-out) records of one client; centralized mode pools every client's."""
+def _fixed_split(part: Dataset, pid: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) as the split column says, each in file order."""
+    part = part.sort(_ROW)
+    sides = part[SPLIT_FIELD]
+    train, heldout = ([i for i, v in enumerate(sides) if v == side] for side in SPLITS)
+    if not train or not heldout:
+        raise FedtuneError(f"client {pid}'s records have no {SPLIT_FIELD} = '{'heldout' if train else 'train'}' "
+                           f"record; mark some in the data file, or use fewer clients")
+    return part.select(train).remove_columns(_ROW), part.select(heldout).remove_columns(_ROW)
+
+
+def _splits(cfg) -> list[tuple[Dataset, Dataset]]:
+    """Every client's (train, held-out) records, before the evaluation cap."""
     d = cfg.data
-    splits = _client_splits(
+    return _client_splits(
         d.source, (d.text_field, d.prompt_field, d.completion_field), d.partition, d.partition_by,
         d.dirichlet_alpha, cfg.run.seed, cfg.federation.clients, d.eval_fraction,
     )
+
+
+def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
+    """(train, held-out) records of one client; centralized mode pools every client's."""
+    d = cfg.data
+    splits = _splits(cfg)
     cap = d.max_eval_examples
     splits = [(tr, ho.select(range(min(cap, len(ho)))) if cap else ho) for tr, ho in splits]
     if cfg.federation.mode == "centralized":  # the same held-out records as the federation's clients
         return (concatenate_datasets([s[0] for s in splits]), concatenate_datasets([s[1] for s in splits]))
     return splits[client_index]
+
+
+def export_clients(cfg, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Write each simulated client's records to ``out_dir/<name>.jsonl`` (prompt, completion,
+    split): given to a deployed client, the file yields exactly the simulated client's
+    training and held-out records, in the same order. Names default to client-0, client-1, ..."""
+    from fedtune.runfolder import atomic_write_text
+
+    n = cfg.federation.clients
+    names = names or [f"client-{i}" for i in range(n)]
+    if len(names) != n or len(set(names)) != n:
+        raise FedtuneError(f"give {n} distinct client names (one per federation.clients), not {len(names)}: "
+                           f"{', '.join(names)}")
+    for name in names:
+        if not name or "/" in name or name.startswith("."):
+            raise FedtuneError(f"client name {name!r} is not a plain file name; use names such as clinic-a")
+    paths = []
+    for name, (train, heldout) in zip(names, _splits(cfg)):
+        rows = [{"prompt": r["prompt"], "completion": r["completion"], SPLIT_FIELD: side}
+                for side, records in zip(SPLITS, (train, heldout)) for r in records]
+        path = Path(out_dir) / f"{name}.jsonl"
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        paths.append(path)
+    return paths
 
 
 def client_examples(cfg, client_index: int, tokenizer, extra_train: list[dict] = ()) -> tuple["TokenizedData", "TokenizedData"]:

@@ -62,6 +62,8 @@ def summarize(run_dir: Path) -> dict:
     change = (final_ppl / base_ppl - 1.0) if base_ppl and final_ppl else None
     return {
         "run": run, "config": cfg, "rounds": rounds, "clients": sorted(clients.values(), key=lambda c: c["client"]),
+        # the config says so even when the clients' ledgers are elsewhere (deployment)
+        "seeded": cfg["privacy"].get("seed", -1) >= 0 or any(c.get("seeded") for c in clients.values()),
         "base_perplexity": base_ppl, "final_perplexity": final_ppl, "relative_change": change,
         "client_level": _client_level(run_dir),
         "personalization": read_json(run_dir / "personalization.json") if (run_dir / "personalization.json").exists() else None,
@@ -127,6 +129,9 @@ def render(s: dict) -> str:
         + (f" by {cfg['data']['partition_by']})" if cfg["data"]["partition"] != "iid" else ")"),
         f"- privacy: {dp}", "",
     ]
+    if s.get("seeded"):
+        lines += ["> **Warning: privacy.seed was set.** DP noise, sampling and secure-aggregation rounding were "
+                  "reproducible, so no privacy guarantee in this report holds for this run. Use seeds for tests only.", ""]
     b, fin, ch = s["base_perplexity"], s["final_perplexity"], s["relative_change"]
     if b is not None and fin is not None:
         lastround = s["rounds"][-1]["round"]
@@ -164,9 +169,6 @@ def render(s: dict) -> str:
         for c in s["clients"]:
             lines.append(f"| {c['client']} | {_fmt(c.get('noise_multiplier'), 3)} | {_fmt(c.get('sample_rate'), 4)} | "
                          f"{c.get('steps_per_round', '–')} | {_fmt(c.get('epsilon'))} | {c.get('ledger', '–')} |")
-        if any(c.get("seeded") for c in s["clients"]):
-            lines += ["", "> **Warning: privacy.seed was set.** DP noise and sampling were reproducible, so the "
-                          "guarantee above does NOT hold for this run. Use seeds for tests only."]
     else:
         lines += ["This run trained **without** record-level differential privacy: nothing bounds what the clients' "
                   "updates reveal about any record."]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 import traceback
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -65,6 +65,11 @@ def main(grid: Grid, context: Context) -> None:
     atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
     update_run_file(run_dir, status="running", flwr_run_id=str(context.run_id), started=now(),
                     mode=cfg.federation.mode, dp=cfg.privacy.dp, versions=versions())
+    if cfg.privacy.seed >= 0:  # said where anyone looks: run.json, the server's log, the summary
+        warning = (f"privacy.seed={cfg.privacy.seed}: DP noise, sampling and secure-aggregation rounding are "
+                   "reproducible (tests only); the run's DP guarantee does NOT hold")
+        update_run_file(run_dir, seeded=True, warning=warning)
+        log(WARNING, "fedtune: %s", warning)
     try:
         run(grid, cfg, run_dir)
     except BaseException as exc:

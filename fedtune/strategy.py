@@ -122,7 +122,9 @@ class AdapterFedAvg(FedAvg):
         for o in self.outcomes:
             if o.status == "failed":
                 log(WARNING, "%s failed in round %d: %s", o.client, server_round, o.reason)
-        return accepted
+        # Float sums depend on their order: sum by client name, not by arrival, so the same
+        # updates always give the same average (in simulation and in deployment alike).
+        return sorted(accepted, key=lambda m: (_client_name(m), m.metadata.src_node_id))
 
     def reject(self, msg: Message, server_round: int, problem: str) -> None:
         """Turn an accepted client's outcome into a rejection."""

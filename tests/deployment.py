@@ -33,14 +33,6 @@ def write_data(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def client_rows(cfg, index: int) -> list[dict]:
-    """Simulated client ``index``'s records (train and held-out) as prompt/completion rows."""
-    from fedtune.data import client_data
-
-    train, heldout = client_data(cfg, index)
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in list(heldout) + list(train)]
-
-
 class Federation:
     """A loopback deployment under ``root``: server config, client configs, processes."""
 

@@ -33,6 +33,8 @@ CASES = {
     "unknown hub model": (lambda t: [TINY, "--model", "no-org/no-such-model"], "cannot load model 'no-org/no-such-model'"),
     "data without fields": (lambda t: [TINY, "--data", _files(t, '{"body": "x"}\n' * 20, "d.jsonl")], "needs 'text'"),
     "missing data file": (lambda t: [TINY, "--data", str(t / "nope.csv")], "not found"),
+    "bad split value": (lambda t: [TINY, "--data", _files(t, '{"text": "x", "split": "test"}\n' * 20, "d.jsonl")],
+                        "record 1 has split = 'test'; use 'train' or 'heldout'"),
     "empty partition": (lambda t: [TINY, "--clients", "500"], "records cannot fill 500 clients"),
     "epsilon out of range": (lambda t: [TINY, "--epsilon", "-1"], "privacy.epsilon must be a finite number > 0"),
     "delta out of range": (lambda t: [TINY, "--set", "privacy.delta=2"], "privacy.delta must be in (0, 1)"),

@@ -148,3 +148,25 @@ def test_killed_between_recording_and_sending_the_spend_counts(tmp_path, task_id
     assert reply.content["metrics"]["epsilon"] == pytest.approx(spends[0]["epsilon"])
     assert "budget" in reply.content["client"]["reason"]
     assert os.path.getsize(ledger_path(tmp_path, "client-0")) > 0
+
+
+def test_a_deployed_client_trains_exactly_as_the_simulated_client_of_its_name(tmp_path, task_identity, initial):
+    """With client-1's exported records and a test seed, a deployed client named client-1
+    (node config, partition index 0) draws the same batches and noise as simulated client-1:
+    the same update, bit for bit, and the same ledger numbers."""
+    from fedtune.data import export_clients
+
+    cfg = tiny_config(privacy={"seed": 4})
+    export_clients(cfg, tmp_path / "data")
+    node = {"fedtune-client": "client-1", "data-file": str(tmp_path / "data" / "client-1.jsonl"), "budget": cfg.budget,
+            "state-dir": str(tmp_path / "state"), "model-cache": "", "allow-seeded": True}
+    deployed = Context(run_id=7, node_id=5, node_config=node, state=RecordDict(), run_config=config.to_flat(cfg))
+    simulated = _context(cfg.replace(run={"dir": str(tmp_path / "sim")}), index=1)
+    other = _context(cfg.replace(run={"dir": str(tmp_path / "other")}), index=2)
+    updates = [handle_train(_message(initial, 1), ctx).content["arrays"].to_numpy_ndarrays()
+               for ctx in (deployed, simulated, other)]
+    assert all(np.array_equal(a, b) for a, b in zip(updates[0], updates[1]))
+    assert not all(np.array_equal(a, b) for a, b in zip(updates[0], updates[2]))  # another client draws otherwise
+    ledgers = [Ledger(ledger_path(d, "client-1")) for d in (tmp_path / "state" / "runs" / cfg.run.name, tmp_path / "sim")]
+    numbers = [{k: v for k, v in e.items() if k not in ("time", "hash", "prev_hash")} for led in ledgers for e in led.entries()]
+    assert numbers[:2] == numbers[2:] and numbers[0]["seeded"] is True

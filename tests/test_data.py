@@ -98,3 +98,46 @@ def test_loss_covers_the_completion_only(tiny_path):
     assert (labels[1] != -100).sum() == 3 and mask[1].sum() == 3  # "hi" + eos, then padding
     assert labels[mask == 0].eq(-100).all()  # padding never counts, even though pad == a real id here
     assert data.num_tokens == 5 + 2  # predicted tokens: all of the first completion; the second's after its first
+
+
+def test_an_exported_client_file_gives_the_simulated_clients_records_in_order(tmp_path):
+    """What a deployed client reads from `fedtune data export`'s file (the whole file, no
+    partition) is exactly the simulated client's training and held-out records."""
+    from fedtune.data import export_clients
+    from fedtune.deploy.node import data_config
+
+    cfg = _tiny(federation={"clients": 3})  # with the evaluation cap of the tiny config
+    paths = export_clients(cfg, tmp_path, ["client-0", "client-1", "clinic-c"])
+    assert [p.name for p in paths] == ["client-0.jsonl", "client-1.jsonl", "clinic-c.jsonl"]
+    for i, path in enumerate(paths):
+        sim = client_data(cfg, i)
+        deployed = client_data(data_config(cfg.replace(run={"seed": 99}), str(path)), 0)  # no re-split, no shuffle
+        for a, b in zip(sim, deployed):
+            assert list(a["prompt"]) == list(b["prompt"]) and list(a["completion"]) == list(b["completion"])
+    with pytest.raises(FedtuneError, match="give 3 distinct client names"):
+        export_clients(cfg, tmp_path, ["a", "a", "b"])
+
+
+def test_a_split_column_decides_the_held_out_records(tmp_path):
+    rows = [{"text": f"note {i}", "split": "heldout" if i % 3 == 0 else "train", "site": i % 2} for i in range(16)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_config(data={"source": str(path), "partition_by": "site"}, federation={"clients": 2})
+    for site in (0, 1):
+        train, heldout = client_data(cfg, site)
+        mine = [r for r in rows if r["site"] == site]  # the natural partition: whole sites
+        assert list(heldout["completion"]) == [r["text"] for r in mine if r["split"] == "heldout"]
+        assert list(train["completion"]) == [r["text"] for r in mine if r["split"] == "train"]
+
+
+@pytest.mark.parametrize("values, message", [
+    (["train", "heldout", "test"], r"record 3 has split = 'test'; use 'train' or 'heldout'"),
+    (["train", "heldout", None], r"record 3 has split = None"),
+    (["train", "train"], r"no record has split = 'heldout'"),
+])
+def test_bad_split_values_are_refused_naming_the_record(tmp_path, values, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps({"text": f"r{i}", **({"split": v} if v else {})}) + "\n"
+                            for i, v in enumerate(values)))
+    with pytest.raises(FedtuneError, match=message):
+        load_records(str(path), "text", "prompt", "completion")

@@ -143,6 +143,20 @@ def test_client_start_malformed_data_file(fed, capsys):
     assert "needs 'text'" in _error(capsys, ["client", "start", str(root / "client.toml")])
     (root / "data" / "clinic-a.jsonl").write_text('{"text": "ok"}\n{broken\n')
     assert "could not be read" in _error(capsys, ["client", "start", str(root / "client.toml")])
+    (root / "data" / "clinic-a.jsonl").write_text('{"text": "a", "split": "train"}\n{"text": "b", "split": "eval"}\n')
+    assert "record 2 has split = 'eval'" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+def test_data_export_writes_one_file_per_client_and_refuses_bad_names(tmp_path, capsys):
+    from tests.conftest import ROOT
+
+    tiny = str(ROOT / "simulations" / "tiny.toml")
+    assert main(["data", "export", tiny, "--out", str(tmp_path), "--names", "clinic-a, clinic-b,clinic-c"]) == 0
+    assert capsys.readouterr().out.split() == [str(tmp_path / f"clinic-{c}.jsonl") for c in "abc"]
+    assert "give 3 distinct client names" in _error(capsys, ["data", "export", tiny, "--out", str(tmp_path),
+                                                             "--names", "a,b"])
+    assert "not a plain file name" in _error(capsys, ["data", "export", tiny, "--out", str(tmp_path),
+                                                      "--clients", "2", "--names", "a,../b"])
 
 
 def test_client_start_port_in_use(fed, capsys):

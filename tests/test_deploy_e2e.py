@@ -11,9 +11,10 @@ import subprocess
 
 import pytest
 
+from fedtune.data import export_clients
 from fedtune.runfolder import read_json, read_jsonl
 from tests.conftest import tiny_config
-from tests.deployment import Federation, cli, client_rows, wait_for, write_data
+from tests.deployment import Federation, cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,8 @@ RUN = {"run": {"name": "e2e"}, "model": {"name": "tiny-random-llama", "max_lengt
 
 @pytest.fixture
 def federation(tmp_path, tiny_path):
-    cfg = tiny_config(federation={"clients": len(NAMES)})
-    for i, name in enumerate(NAMES):
-        write_data(tmp_path / "data" / f"{name}.jsonl", client_rows(cfg, i))
-    write_data(tmp_path / "data" / "rogue.jsonl", client_rows(cfg, 0))
+    export_clients(tiny_config(federation={"clients": len(NAMES)}), tmp_path / "data", NAMES)
+    shutil.copy(tmp_path / "data" / f"{NAMES[0]}.jsonl", tmp_path / "data" / "rogue.jsonl")
     fed = Federation(tmp_path, NAMES + ["rogue"], RUN)
     (tmp_path / "keys" / "rogue.pub").rename(tmp_path / "rogue.pub")  # never registered with the server
     yield fed

@@ -260,3 +260,12 @@ def test_a_simulation_with_distributed_dp_passes_the_audit(tmp_path):
         forged.append(body)
     bad = audit()
     assert bad.returncode == 1 and "the plan's noise gives" in bad.stdout + bad.stderr
+
+
+def test_a_test_seed_fixes_a_clients_noise_and_no_seed_draws_fresh():
+    plan = ddg.make_plan(1.0, 1.0, 16, 50, 3, 3, 3.0)
+    coder, x = DistributedGaussian(plan), np.full(50, 0.01)
+    seed = bytes(range(32))
+    assert np.array_equal(coder.encode(x, 1.0, seed=seed), coder.encode(x, 1.0, seed=seed))
+    assert not np.array_equal(coder.encode(x, 1.0, seed=seed), coder.encode(x, 1.0, seed=bytes(32)))
+    assert not np.array_equal(coder.encode(x, 1.0), coder.encode(x, 1.0))

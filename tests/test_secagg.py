@@ -486,3 +486,15 @@ def test_abort_when_a_dropped_clients_key_cannot_be_rebuilt():
 
     with pytest.raises(SecAggAborted, match="only 0 valid shares of client 5's mask key arrived, 3 needed"):
         driver.run(inputs, silent={Stage.COLLECT: {5}}, on_reply=withhold)
+
+
+def test_a_test_seed_fixes_the_rounding_and_no_seed_draws_fresh():
+    """privacy.seed (tests only) makes a client's encoding reproducible across processes, so a
+    simulated and a deployed client send the same field elements; normal runs draw fresh."""
+    enc = WeightedFixedPoint(FixedPoint(clip=1.0, bits=20, n_max=4), max_weight=100.0)
+    x = np.linspace(-0.9, 0.9, 4001)
+    seed = bytes(range(32))
+    same = enc.encode(x, 30.0, seed=seed)
+    assert np.array_equal(same, enc.encode(x, 30.0, seed=seed))
+    assert not np.array_equal(same, enc.encode(x, 30.0, seed=bytes(32)))
+    assert not np.array_equal(enc.encode(x, 30.0), enc.encode(x, 30.0))  # OS entropy

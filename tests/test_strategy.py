@@ -88,3 +88,32 @@ def test_local_mode_keeps_each_clients_adapter(task_identity):
     strategy = AdapterFedAvg(num_clients=2, clients_per_round=2, template=TEMPLATE, local=True)
     assert strategy.aggregate_train(1, [_update(1, 1.0, 10), _update(2, 5.0, 10)]) == (None, None)
     assert float(strategy.local_arrays[2].to_numpy_ndarrays()[0][0, 0]) == 5.0
+
+
+def test_the_average_is_summed_by_client_name_not_arrival_order(task_identity):
+    """The same updates from the same clients give a bit-identical average whatever order
+    they arrive in and whatever node ids the clients have (simulation vs deployment)."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    rng = np.random.default_rng(0)
+    shapes = {"w": (64,)}
+    updates = {f"client-{i}": rng.normal(size=64).astype(np.float32) * 10.0 ** rng.integers(-4, 4, 64)
+               for i in range(5)}
+
+    def replies(order, node_base):
+        out = []
+        for i in order:
+            name = f"client-{i}"
+            out.append(_reply(node_base + i, RecordDict({
+                "arrays": _record({"w": updates[name]}),
+                "metrics": MetricRecord({"num-examples": 10 + i, "refused": 0, "epsilon": 1.0}),
+                "client": ConfigRecord({"name": name}),
+            })))
+        return out
+
+    forward, backward = replies(range(5), 1), replies(reversed(range(5)), 90)
+    naive = [aggregate_arrayrecords([m.content for m in r], "num-examples")["w"].numpy() for r in (forward, backward)]
+    assert not np.array_equal(*naive)  # summing in arrival order would differ
+    averages = [AdapterFedAvg(num_clients=5, clients_per_round=5, template=shapes).aggregate_train(1, r)[0]["w"].numpy()
+                for r in (forward, backward)]
+    assert np.array_equal(*averages)

@@ -8,7 +8,7 @@ mod 2^m and decodes exactly as sum * step - k * R for k summands. The rounding e
 of a decoded sum of k values is below k * step per coordinate, step = 2R / (2^bits - 1).
 
 Rounding randomness comes from the ChaCha20 PRG (crypto.expand) under a fresh
-os.urandom seed, not from numpy's RNG.
+os.urandom seed, not from numpy's RNG; only a test (privacy.seed) passes a seed of its own.
 
 Weighted aggregation (WeightedFixedPoint): a client with weight w <= W sends
 [(w/W) * clip(x), w/W]; the server learns only the sums sum_i w_i x_i and sum_i w_i
@@ -20,13 +20,14 @@ pack/unpack store m-bit field elements at exactly m bits each (little-endian bit
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedtune.errors import FedtuneError
-from fedtune.privacy.distributed import DDGPlan, privatize
+from fedtune.privacy.distributed import DDGPlan, Uniform, privatize
 from fedtune.secagg.crypto import expand
 
 MAX_BITS = 48  # precision per value: float64 holds the scaled value and a 32-bit rounding fraction
@@ -38,9 +39,9 @@ def field_dtype(field_bits: int) -> np.dtype:
     return np.dtype(np.uint32) if field_bits <= 32 else np.dtype(np.uint64)
 
 
-def _stochastic_round(q: np.ndarray, top: int) -> np.ndarray:
+def _stochastic_round(q: np.ndarray, top: int, seed: bytes | None = None) -> np.ndarray:
     """Unbiased rounding of q in [0, top] to integers in [0, top]."""
-    u = expand(os.urandom(32), q.size, 32).astype(np.float64) * 2.0 ** -32
+    u = expand(seed or os.urandom(32), q.size, 32).astype(np.float64) * 2.0 ** -32
     return np.clip(np.floor(q.reshape(-1) + u), 0, top)
 
 
@@ -89,11 +90,11 @@ class FixedPoint:
     def dtype(self) -> np.dtype:
         return field_dtype(self.field_bits)
 
-    def encode(self, x: np.ndarray) -> np.ndarray:
+    def encode(self, x: np.ndarray, seed: bytes | None = None) -> np.ndarray:
         """Integers in [0, 2^bits - 1] (flattened); values outside [-clip, clip] are clipped."""
         x = _finite(x, "update")
         q = (np.clip(x, -self.clip, self.clip) + self.clip) * (self.levels / (2 * self.clip))
-        return _stochastic_round(q, self.levels).astype(self.dtype)
+        return _stochastic_round(q, self.levels, seed).astype(self.dtype)
 
     def decode_sum(self, total: np.ndarray, count: int) -> np.ndarray:
         """Floats from the sum of ``count`` encodings (as returned by the aggregation, mod 2^m)."""
@@ -129,15 +130,16 @@ class WeightedFixedPoint:
         """Vector length for an update of ``size`` values: the values and the weight."""
         return size + 1
 
-    def encode(self, update: np.ndarray, weight: float) -> np.ndarray:
+    def encode(self, update: np.ndarray, weight: float, seed: bytes | None = None) -> np.ndarray:
         fp = self.fixed_point
         if not (np.isfinite(weight) and 0 <= weight <= self.max_weight):
             raise FedtuneError(f"secure aggregation: weight {weight} is outside [0, max_weight={self.max_weight}]")
         scale = weight / self.max_weight
         x = np.clip(_finite(update, "update").reshape(-1), -fp.clip, fp.clip) * scale
         out = np.empty(x.size + 1, dtype=fp.dtype)
-        out[:-1] = fp.encode(x)
-        out[-1] = _stochastic_round(np.array([scale * fp.levels]), fp.levels)[0]
+        out[:-1] = fp.encode(x, seed)
+        weight_seed = hashlib.sha256(seed + b"weight").digest() if seed else None  # its own stream
+        out[-1] = _stochastic_round(np.array([scale * fp.levels]), fp.levels, weight_seed)[0]
         return out
 
     def decode(self, total: np.ndarray, count: int) -> tuple[np.ndarray, float]:
@@ -231,9 +233,9 @@ class DistributedGaussian:
     def length(self, size: int) -> int:
         return size
 
-    def encode(self, update: np.ndarray, weight: float) -> np.ndarray:
+    def encode(self, update: np.ndarray, weight: float, seed: bytes | None = None) -> np.ndarray:
         """``weight`` is not sent: every client counts once (a refusing client sends a zero update)."""
-        ints = privatize(update, self.plan)
+        ints = privatize(update, self.plan, Uniform(seed) if seed else None)
         return (ints & np.int64((1 << self.field_bits) - 1)).astype(field_dtype(self.field_bits))
 
     def decode(self, total: np.ndarray, count: int) -> tuple[np.ndarray, float]:

@@ -265,6 +265,7 @@ class LocalUpdate:
     weight: float
     metrics: dict[str, Any]
     client: dict[str, Any]
+    seed: bytes | None = None  # tests only (privacy.seed): the encoding's rounding and noise; None = OS entropy
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -324,7 +325,7 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
                 log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
                     "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
         t0 = time.perf_counter()
-        reply = client.masked_input(coder.encode(delta, weight))
+        reply = client.masked_input(coder.encode(delta, weight, seed=update.seed))
         seconds = time.perf_counter() - t0  # encoding (and noise) plus masking: this client's own cost
         _save(context, client)
         packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
