@@ -35,6 +35,11 @@ class Outcome:
     ledger_head: str = ""  # hash of the client's ledger entry for this round's spend
 
 
+def log_refusal(client: str, server_round: int, reason: str) -> None:
+    """The server log's line for a client that refused a round (its budget, its rules)."""
+    log(WARNING, "fedtune: client %s refused round %d: %s", client, server_round, reason)
+
+
 def _client_name(msg: Message) -> str:
     if not msg.has_error() and "client" in msg.content.config_records:
         return str(msg.content["client"].get("name", f"node-{msg.metadata.src_node_id}"))
@@ -109,7 +114,7 @@ class AdapterFedAvg(FedAvg):
             if metrics.get("refused"):
                 reason = str(msg.content["client"].get("reason", "refused"))
                 self.outcomes.append(Outcome(node, name, "refused", metrics, reason))
-                log(INFO, "%s refused round %d: %s", name, server_round, reason)
+                log_refusal(name, server_round, reason)
                 continue
             problem = check_update(msg.content, self.template)
             if problem:
