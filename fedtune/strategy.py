@@ -102,9 +102,12 @@ class AdapterFedAvg(FedAvg):
 
     # ---- aggregation ---------------------------------------------------------------
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The well-formed updates among ``replies``; records every client's outcome."""
+        """The well-formed updates among ``replies``, by client name; records every client's outcome.
+
+        In a fixed order, so the float sums of the average do not depend on which reply came
+        first (or on the order a restarted server sampled the clients in)."""
         self.outcomes, accepted = [], []
-        for msg in replies:
+        for msg in sorted(replies, key=lambda m: (_client_name(m), m.metadata.src_node_id)):
             node, name = msg.metadata.src_node_id, _client_name(msg)
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
