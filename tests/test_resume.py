@@ -94,6 +94,23 @@ def test_a_completed_run_or_a_folder_that_is_no_run_is_refused(tmp_path):
         check(tmp_path / "other", cfg)
 
 
+@pytest.mark.parametrize("kind", ["avgm", "adam", "yogi"])
+def test_the_server_optimizer_continues_with_its_moments(tmp_path, kind):
+    from fedtune.aggregation import ServerOptimizer
+    from fedtune.resume import load_optimizer, save_optimizer
+
+    rng = np.random.default_rng(0)
+    steps = [({"w": rng.normal(size=5).astype(np.float32)}, {"w": rng.normal(size=5).astype(np.float32)})
+             for _ in range(3)]
+    straight, resumed = ServerOptimizer(kind), ServerOptimizer(kind)
+    for old, avg in steps[:2]:
+        straight.step(old, avg)
+    (tmp_path / "adapters" / "round-002").mkdir(parents=True)
+    save_optimizer(tmp_path, "round-002", straight)
+    load_optimizer(tmp_path, "round-002", resumed)  # a fresh process after the restart
+    assert np.array_equal(straight.step(*steps[2])["w"], resumed.step(*steps[2])["w"])
+
+
 def test_fedtune_run_resume_refuses_in_one_line(tmp_path, capsys):
     """Exit 2 and one line, before anything is submitted: not a run, a changed config, a run
     whose ServerApp still runs, a completed run."""

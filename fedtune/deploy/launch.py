@@ -38,6 +38,7 @@ def warn_insecure() -> None:
 def check_port(host: str, port: int, what: str) -> None:
     """Fail now, not in Flower's logs, when ``port`` is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a killed one's TIME_WAIT is free
         try:
             s.bind((host, port))
         except OSError as exc:
