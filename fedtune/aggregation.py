@@ -107,6 +107,16 @@ class ServerOptimizer:
             out[k] = x + lr * m / (np.sqrt(v) + self.tau)
         return {k: v.astype(np.float32) for k, v in out.items()}
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Moments and step count, flat (saved with each round's adapter, for a resume)."""
+        return {"t": np.array([self.t], np.int64), **{f"m/{k}": v for k, v in self.m.items()},
+                **{f"v/{k}": v for k, v in self.v.items()}}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.t = int(state["t"][0])
+        self.m = {k[2:]: v for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: v for k, v in state.items() if k.startswith("v/")}
+
 
 def server_optimizer(cfg) -> ServerOptimizer:
     f = cfg.federation

@@ -257,6 +257,9 @@ def cmd_audit(args) -> int:
     console.print(table)
     for level, unit in {r["level"]: r["unit"] for r in result["rows"]}.items():
         console.print(f"{level}-level unit: {unit}")
+    for r in result["refusals"]:  # one unwrapped line each
+        print(f"refused: {r['client']} declined round {r['round']} ({r['reason']}; recorded by "
+              f"{' and '.join(r['recorded_by'])})", flush=True)
     failed = False
     emp = result.get("empirical") or {}
     if "one_run" in emp:

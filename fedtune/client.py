@@ -3,7 +3,9 @@
 train: load the global adapter, check the privacy budget against the local ledger,
 train one round (DP-SGD), write the spend to the ledger (fsync'ed), then reply with the
 new adapter, or, under secure aggregation, take part in the SecAgg+ stage the message
-names (the update then leaves only masked). evaluate: held-out loss of the adapter it is sent.
+names (the update then leaves only masked). A request the client already paid for (a
+restarted server asking again) gets the same update again at no cost (fedtune.release).
+evaluate: held-out loss of the adapter it is sent.
 
 The base model and the client's tokenized data are cached per process, so a simulation
 worker (a Ray actor serving many clients) loads the model once, not once per round.
@@ -24,13 +26,15 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedtune import config as config_mod
+from fedtune import release
 from fedtune.aggregation import kept, set_trainable, shared
 from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.runfolder import (
-    atomic_write_bytes, client_dir, kept_adapter_path, ledger_path, now, read_json, run_dir_for, write_json,
+    atomic_write_bytes, client_dir, file_lock, kept_adapter_path, ledger_path, now, read_json, release_path, run_dir_for,
+    write_json,
 )
 from fedtune.secagg.flower import STAGE, LocalUpdate, handle_stage
 
@@ -292,7 +296,7 @@ def _check_ddg_dim(msg: Message, context: Context, s: ClientSetup) -> None:
 
 # Under secure aggregation only these metrics travel in the clear (the example count is
 # inside the masked sum; q, σ and steps would reveal the dataset size, the loss the data).
-REVEALED_UNDER_SECAGG = ("refused", "epsilon", "train-seconds", "threads")
+REVEALED_UNDER_SECAGG = ("refused", "epsilon", "train-seconds", "threads", "resent")
 
 
 def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | Message:
@@ -307,12 +311,45 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         except (FedtuneError, KeyError) as exc:
             return _error_reply(msg, s.name, exc)
     server_round = int(msg.content["config"]["server-round"])
+    # One request at a time per client: a restarted server's request may arrive while the
+    # crashed server's is still training; the second one then finds the first's release.
+    with file_lock(client_dir(s.run_dir, s.name) / ".round.lock"):
+        return _spend_and_train(msg, s, server_round, secure)
+
+
+def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
+            secure: bool) -> LocalUpdate | None:
+    """The stored release again, if the server asks for exactly what it paid for (fedtune.release)."""
+    last = release.load(release_path(s.run_dir, s.name))
+    if last is None or (last.server_round, last.fingerprint) != (server_round, asked):
+        return None
+    head = last.client.get("ledger-head")
+    if not any(e["type"] == "spend" and e["round"] == server_round and e["hash"] == head for e in ledger.entries()):
+        return None  # not the spend this ledger recorded: train and pay again
+    ledger.append({"type": "resend", "round": server_round, "spend": head, "time": now()})
+    state = last.state
+    if not secure:
+        import torch
+
+        state = {k: torch.from_numpy(v) for k, v in state.items()}
+    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client,
+                       reproducible_seed(s, server_round, "encoding"))
+
+
+def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool) -> LocalUpdate | Message:
     ledger = Ledger(ledger_path(s.run_dir, s.name))
+    clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     try:
+        asked = release.fingerprint(server_round, msg.content["arrays"], clip)
+        again = _resend(s, ledger, server_round, asked, secure)
+        if again is not None:
+            return again
         plan = _plan(ledger, s)
         history = ledger.history()
     except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
         return _error_reply(msg, s.name, exc)
+    except KeyError as exc:
+        return _error_reply(msg, s.name, ValueError(f"rejected the global adapter: {exc}"))
     if secure and len(s.train) > s.cfg.secagg.max_weight:
         return _error_reply(msg, s.name, FedtuneError(
             f"{len(s.train)} training records exceed secagg.max_weight={s.cfg.secagg.max_weight:g}; raise it"))
@@ -359,7 +396,6 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
     state = get_adapter_state(s.m.model)
     save_kept(s.run_dir, s.name, state, method)  # fedsa: lora_B stays here for the next round
     state = shared(method, state)  # only what the method sends leaves the client
-    clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     if clip > 0:  # client-level DP: the server adds noise calibrated to this bound on our update
         state = clip_update(state, global_state, clip)
     spent = epsilon(history + [plan.round_history], plan.delta, plan.accountant) if plan.dp else math.inf
@@ -375,9 +411,14 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         "refused": 0,
     }
     if secure:
-        metrics = {k: metrics[k] for k in REVEALED_UNDER_SECAGG}
-    return LocalUpdate({k: v.numpy() for k, v in state.items()} if secure else state, float(len(s.train)), metrics,
-                       {"name": s.name, "ledger-head": entry["hash"]}, reproducible_seed(s, server_round, "encoding"))
+        metrics = {k: metrics[k] for k in REVEALED_UNDER_SECAGG if k in metrics}
+    arrays = {k: v.numpy() for k, v in state.items()}
+    client = {"name": s.name, "ledger-head": entry["hash"]}
+    # Paid for and about to leave: kept, so that the same request again costs nothing.
+    release.store(release_path(s.run_dir, s.name),
+                  release.Release(server_round, asked, arrays, float(len(s.train)), metrics, client))
+    return LocalUpdate(arrays if secure else state, float(len(s.train)), metrics, client,
+                       reproducible_seed(s, server_round, "encoding"))
 
 
 def handle_evaluate(msg: Message, context: Context) -> Message:

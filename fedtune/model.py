@@ -12,7 +12,6 @@ so concurrent clients do not race) and loaded from there as plain safetensors:
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import importlib.util
 import os
 import shutil
@@ -21,12 +20,13 @@ import tempfile
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedtune.errors import FedtuneError
+from fedtune.runfolder import file_lock
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
@@ -57,22 +57,11 @@ def resolve_model(name: str, cache_dir: str = "") -> str:
     return name  # a Hugging Face id, resolved by transformers (its cache, or the hub if reachable)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def _materialize(dest: Path, build) -> Path:
     """Build ``dest`` once: into a temp folder, then one atomic rename."""
     if (dest / _COMPLETE).exists():
         return dest
-    with _file_lock(dest.parent / f".{dest.name}.lock"):
+    with file_lock(dest.parent / f".{dest.name}.lock"):
         if (dest / _COMPLETE).exists():  # another process finished it meanwhile
             return dest
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))

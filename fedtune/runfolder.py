@@ -3,13 +3,17 @@
 Every file is written whole or not at all (temp file + fsync + rename), and JSON-lines
 files are appended one fsync'ed line at a time, so a crash never leaves half a file.
 
-    <run>/run.json              status, versions, timings
+    <run>/run.json              status, versions, timings; each (re)start of the ServerApp
+                                (flwr_run_ids, resumed_from_round: the last completed round
+                                a restart continued from)
     <run>/config.toml           the resolved config
     <run>/progress.json         where the run is (for progress displays)
     <run>/metrics.jsonl         one line per client per phase per round, plus round totals
+    <run>/metrics-interrupted.jsonl  rows of rounds a crash cut short (moved there on resume)
     <run>/clients/<name>/       each client's ledger.jsonl and status.json (simulation), the
                                 adapter part it keeps (kept_adapter.safetensors, fedsa) and its
-                                personalized adapter (personalized/, PEFT folder)
+                                personalized adapter (personalized/, PEFT folder), its last
+                                release (release.safetensors, for a resend after a server crash)
     <run>/adapters/round-NNN/   the global adapter after round N (PEFT folder)
     <run>/adapters/global/      the final global adapter
     <run>/summary.md, summary.json, perplexity.png
@@ -17,13 +21,15 @@ files are appended one fsync'ed line at a time, so a crash never leaves half a f
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fedtune.errors import FedtuneError
 
@@ -73,6 +79,23 @@ def append_jsonl(path: str | Path, obj: dict) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, busy: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed) for the block; the OS drops it
+    when the holder dies. With ``busy``, do not wait: a held lock is a FedtuneError saying it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise FedtuneError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -127,6 +150,11 @@ def ledger_path(run_dir: str | Path, client: str) -> Path:
 def kept_adapter_path(run_dir: str | Path, client: str) -> Path:
     """Adapter tensors a client never sends (fedsa: its lora_B), kept between rounds."""
     return client_dir(run_dir, client) / "kept_adapter.safetensors"
+
+
+def release_path(run_dir: str | Path, client: str) -> Path:
+    """A client's last release (the update it sent, already DP-noised), for a resend."""
+    return client_dir(run_dir, client) / "release.safetensors"
 
 
 def server_ledger_path(run_dir: str | Path) -> Path:

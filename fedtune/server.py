@@ -4,7 +4,9 @@ Read top to bottom: set up (run folder, initial adapter, strategy), evaluate the
 model, then per round train -> aggregate -> save the global adapter -> evaluate, and
 finally write the summary. The loop is Flower's ``Strategy.start`` spelled out, so that
 round 0 is a federated evaluation of the base model and every client's outcome lands in
-``metrics.jsonl`` as it happens.
+``metrics.jsonl`` as it happens. A run folder that already holds completed rounds (a
+server restarted with ``fedtune run --resume``) continues after the last of them
+(fedtune.resume).
 """
 
 from __future__ import annotations
@@ -21,15 +23,16 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
+from fedtune import resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
-    adapter_dir, append_jsonl, atomic_write_text, now, run_dir_for, server_ledger_path, update_run_file, versions,
-    write_json,
+    RUN_FILE, adapter_dir, append_jsonl, atomic_write_text, file_lock, is_run_dir, now, read_json, run_dir_for,
+    server_ledger_path, update_run_file, versions, write_json,
 )
-from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg, Outcome
+from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg, Outcome, log_refusal
 
 
 def initial_adapter(cfg: config_mod.Config, model_path: str) -> dict[str, torch.Tensor]:
@@ -62,22 +65,32 @@ def main(grid: Grid, context: Context) -> None:
     cfg = config_mod.from_flat(dict(context.run_config))
     run_dir = run_dir_for(cfg, context.run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
-    update_run_file(run_dir, status="running", flwr_run_id=str(context.run_id), started=now(),
-                    mode=cfg.federation.mode, dp=cfg.privacy.dp, versions=versions())
-    if cfg.privacy.seed >= 0:  # said where anyone looks: run.json, the server's log, the summary
-        warning = (f"privacy.seed={cfg.privacy.seed}: DP noise, sampling and secure-aggregation rounding are "
-                   "reproducible (tests only); the run's DP guarantee does NOT hold")
-        update_run_file(run_dir, seeded=True, warning=warning)
-        log(WARNING, "fedtune: %s", warning)
-    try:
-        run(grid, cfg, run_dir)
-    except BaseException as exc:
-        update_run_file(run_dir, status="failed", finished=now(), error=f"{type(exc).__name__}: {exc}",
-                        traceback=traceback.format_exc())
-        raise
-    update_run_file(run_dir, status="completed", finished=now())
-    write_summary(run_dir)
+    # One ServerApp per run folder; the OS drops the lock when it dies, so a killed server's
+    # run can be resumed at once and a running one is never run twice.
+    with file_lock(run_dir / resume.SERVER_LOCK, busy=f"another ServerApp is running the run in {run_dir}"):
+        before = read_json(run_dir / RUN_FILE) if is_run_dir(run_dir) else {}
+        done = resume.check(run_dir, cfg) if before else -1  # FedtuneError: leaves the folder as it was
+        atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
+        starts = before.get("starts", []) + [{"flwr_run_id": str(context.run_id), "after_round": done, "time": now()}]
+        restarted = {"resumed_from_round": done} if len(starts) > 1 else {}
+        update_run_file(run_dir, status="running", flwr_run_id=str(context.run_id),
+                        flwr_run_ids=[st["flwr_run_id"] for st in starts], starts=starts,
+                        started=before.get("started", now()), mode=cfg.federation.mode, dp=cfg.privacy.dp,
+                        versions=versions(), **restarted,
+                        **{k: None for k in ("finished", "error", "traceback") if k in before})
+        if cfg.privacy.seed >= 0:  # said where anyone looks: run.json, the server's log, the summary
+            warning = (f"privacy.seed={cfg.privacy.seed}: DP noise, sampling and secure-aggregation rounding are "
+                       "reproducible (tests only); the run's DP guarantee does NOT hold")
+            update_run_file(run_dir, seeded=True, warning=warning)
+            log(WARNING, "fedtune: %s", warning)
+        try:
+            run(grid, cfg, run_dir)
+        except BaseException as exc:
+            update_run_file(run_dir, status="failed", finished=now(), error=f"{type(exc).__name__}: {exc}",
+                            traceback=traceback.format_exc())
+            raise
+        update_run_file(run_dir, status="completed", finished=now())
+        write_summary(run_dir)
 
 
 def client_level(cfg: config_mod.Config, run_dir: Path, dim: int):
@@ -148,6 +161,7 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
         strategy.names[node] = name
         if metrics.get("refused"):
             outcome = Outcome(node, name, "refused", metrics, str(info.get("reason", "refused")))
+            log_refusal(name, round_, outcome.reason)
         elif sec.aborted:
             outcome = Outcome(node, name, "failed", metrics, sec.aborted)
         elif node in sec.included:
@@ -177,6 +191,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     random.seed(cfg.run.seed)  # which clients are sampled each round (without client-level DP)
     rounds = cfg.federation.rounds
     metrics_file = run_dir / "metrics.jsonl"
+    done, label = resume.restart(run_dir)  # (-1, "") for a new run; else continue after round `done`
 
     def progress(round_: int, phase: str) -> None:
         write_json(run_dir / "progress.json", {"round": round_, "rounds": rounds, "phase": phase, "time": now()})
@@ -203,6 +218,11 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     tolerate_dropouts(strategy)
     timeout = cfg.federation.round_timeout
     arrays = ArrayRecord(shared(method, initial))
+    if label:  # the global adapter after the last completed round, and the optimizer's moments then
+        arrays = ArrayRecord(shared(method, resume.load_global(run_dir, label, initial)))
+        resume.load_optimizer(run_dir, label, opt)
+    if done >= 0:
+        log(INFO, "fedtune: resuming after round %d of %d (global adapter: %s)", done, rounds, label or "initial")
 
     def full(part: ArrayRecord) -> dict[str, torch.Tensor]:
         return {**initial, **part.to_torch_state_dict()}
@@ -217,11 +237,12 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
                                         "status": o.status, "reason": o.reason, **o.metrics})
         return {**(dict(pooled) if pooled is not None else {}), "evaluate-seconds": time.perf_counter() - t0}
 
-    base_eval = evaluate(0)
-    append_jsonl(metrics_file, {"round": 0, "phase": "round", "time": now(), **base_eval})
-    log(INFO, "fedtune: base model held-out perplexity %s", base_eval.get("perplexity", "n/a"))
+    if done < 0:
+        base_eval = evaluate(0)
+        append_jsonl(metrics_file, {"round": 0, "phase": "round", "adapter": "", "time": now(), **base_eval})
+        log(INFO, "fedtune: base model held-out perplexity %s", base_eval.get("perplexity", "n/a"))
 
-    for round_ in range(1, rounds + 1):
+    for round_ in range(max(done, 0) + 1, rounds + 1):
         t0 = time.perf_counter()
         if server_ledger is not None:  # client-level budget: the server releases nothing past it
             decision = check_round(server_ledger.history(), server_plan)
@@ -257,10 +278,14 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
                                   "epsilon": epsilon(history, server_plan.delta, server_plan.accountant), "time": now()})
         if new_arrays is not None:
             arrays = optimize(opt, arrays, new_arrays)
-            save_adapter(adapter_dir(run_dir, f"round-{round_:03d}"), full(arrays), cfg, model_path)
+            label = f"round-{round_:03d}"
+            save_adapter(adapter_dir(run_dir, label), full(arrays), cfg, model_path)
+            resume.save_optimizer(run_dir, label, opt)
         pooled = evaluate(round_)
         counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
-        append_jsonl(metrics_file, {"round": round_, "phase": "round", "time": now(), "seconds": time.perf_counter() - t0,
+        # Last: this row marks the round completed (fedtune.resume).
+        append_jsonl(metrics_file, {"round": round_, "phase": "round", "adapter": label, "time": now(),
+                                    "seconds": time.perf_counter() - t0,
                                     "train-seconds": train_seconds, "trained": counts["ok"], "refused": counts["refused"],
                                     "failed": counts["failed"], "rejected": counts["rejected"], **secure_info, **pooled})
         if counts["ok"] == 0 and counts["refused"] == len(outcomes) and outcomes:

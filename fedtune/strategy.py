@@ -35,6 +35,11 @@ class Outcome:
     ledger_head: str = ""  # hash of the client's ledger entry for this round's spend
 
 
+def log_refusal(client: str, server_round: int, reason: str) -> None:
+    """The server log's line for a client that refused a round (its budget, its rules)."""
+    log(WARNING, "fedtune: client %s refused round %d: %s", client, server_round, reason)
+
+
 def _client_name(msg: Message) -> str:
     if not msg.has_error() and "client" in msg.content.config_records:
         return str(msg.content["client"].get("name", f"node-{msg.metadata.src_node_id}"))
@@ -97,9 +102,12 @@ class AdapterFedAvg(FedAvg):
 
     # ---- aggregation ---------------------------------------------------------------
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """The well-formed updates among ``replies``; records every client's outcome."""
+        """The well-formed updates among ``replies``, by client name; records every client's outcome.
+
+        In a fixed order, so the float sums of the average do not depend on which reply came
+        first (or on the order a restarted server sampled the clients in)."""
         self.outcomes, accepted = [], []
-        for msg in replies:
+        for msg in sorted(replies, key=lambda m: (_client_name(m), m.metadata.src_node_id)):
             node, name = msg.metadata.src_node_id, _client_name(msg)
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
@@ -109,7 +117,7 @@ class AdapterFedAvg(FedAvg):
             if metrics.get("refused"):
                 reason = str(msg.content["client"].get("reason", "refused"))
                 self.outcomes.append(Outcome(node, name, "refused", metrics, reason))
-                log(INFO, "%s refused round %d: %s", name, server_round, reason)
+                log_refusal(name, server_round, reason)
                 continue
             problem = check_update(msg.content, self.template)
             if problem:

@@ -68,8 +68,10 @@ class Federation:
         return proc
 
     def start_server(self) -> subprocess.Popen:
+        seen = self.log("server").count("server listening")  # a restart appends to the same log
         proc = self.start("server", "server", "start", str(self.root / "server.toml"))
-        wait_for(lambda: "server listening" in self.log("server") or proc.poll() is not None, 90, "server start")
+        wait_for(lambda: self.log("server").count("server listening") > seen or proc.poll() is not None, 90,
+                 "server start")
         assert proc.poll() is None, self.log("server")
         return proc
 

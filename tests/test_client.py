@@ -170,3 +170,59 @@ def test_a_deployed_client_trains_exactly_as_the_simulated_client_of_its_name(tm
     ledgers = [Ledger(ledger_path(d, "client-1")) for d in (tmp_path / "state" / "runs" / cfg.run.name, tmp_path / "sim")]
     numbers = [{k: v for k, v in e.items() if k not in ("time", "hash", "prev_hash")} for led in ledgers for e in led.entries()]
     assert numbers[:2] == numbers[2:] and numbers[0]["seeded"] is True
+
+
+def _arrays(reply) -> dict:
+    return {k: v.numpy() for k, v in reply.content["arrays"].items()}
+
+
+def test_a_round_asked_again_with_the_same_adapter_is_resent_not_charged(tmp_path, task_identity, initial):
+    """A restarted server asks again for a round the client already paid for: the same
+    update goes out again, the ledger records a resend, not a second spend, and a budget
+    that pays for exactly one round does not refuse it."""
+    cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
+    from fedtune.client import setup
+
+    plan = make_plan(cfg, len(setup(_context(cfg)).train))
+    cfg = cfg.replace(privacy={"budget": epsilon([plan.round_history], plan.delta)})  # exactly one round
+    first = handle_train(_message(initial, 1), _context(cfg))
+    again = handle_train(_message(initial, 1), _context(cfg))
+    assert not again.has_error() and again.content["metrics"]["refused"] == 0
+    assert again.content["metrics"]["resent"] == 1 and "resent" not in first.content["metrics"]
+    a, b = _arrays(first), _arrays(again)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # the same bytes, not a retrain
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    assert [e["type"] for e in ledger.entries()] == ["plan", "spend", "resend"]
+    head = ledger.spends()[0]["hash"]
+    assert first.content["client"]["ledger-head"] == again.content["client"]["ledger-head"] == head
+    assert again.content["metrics"]["epsilon"] == pytest.approx(ledger.spends()[0]["epsilon"])
+    # The next round is a new release: over this budget, refused.
+    assert handle_train(_message(initial, 2), _context(cfg)).content["metrics"]["refused"] == 1
+
+
+def test_a_different_adapter_for_the_same_round_is_a_new_release_and_charged(tmp_path, task_identity, initial):
+    cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
+    other = {k: v + 0.01 for k, v in initial.items()}
+    first = handle_train(_message(initial, 1), _context(cfg))
+    second = handle_train(_message(other, 1), _context(cfg))
+    third = handle_train(_message(other, 1), _context(cfg))  # the latest release is the one kept
+    assert "resent" not in second.content["metrics"] and third.content["metrics"]["resent"] == 1
+    a, b, c = _arrays(first), _arrays(second), _arrays(third)
+    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(b[k], c[k]) for k in b)
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    assert [e["type"] for e in ledger.entries()] == ["plan", "spend", "spend", "resend"]
+    spends = ledger.spends()
+    assert spends[1]["epsilon"] > spends[0]["epsilon"]  # two releases, both paid for
+    assert second.content["client"]["ledger-head"] == third.content["client"]["ledger-head"] == spends[1]["hash"]
+
+
+def test_a_release_that_its_ledger_does_not_show_is_not_resent(tmp_path, task_identity, initial):
+    """The stored update is resent only against the spend that paid for it."""
+    cfg = tiny_config(run={"dir": str(tmp_path)})
+    handle_train(_message(initial, 1), _context(cfg))
+    ledger = ledger_path(tmp_path, "client-0")
+    ledger.unlink()  # e.g. a ledger restored from a backup taken before the round
+    again = handle_train(_message(initial, 1), _context(cfg))
+    assert "resent" not in again.content["metrics"]
+    assert [e["type"] for e in Ledger(ledger).entries()] == ["plan", "spend"]

@@ -153,6 +153,30 @@ def test_a_tampered_share_is_rejected_naming_the_sender(tmp_path, task_identity,
     assert Ledger(ledger_path(tmp_path / "secure", "client-2")).spends() == []
 
 
+def test_a_restarted_server_gets_the_same_updates_masked_anew_at_no_cost(tmp_path, task_identity, initial):
+    """A secure round asked again (the server restarted: new contexts, fresh keys) with the
+    same global adapter: every client re-masks the update it paid for, spends nothing, and
+    both sessions aggregate the same stored updates."""
+    from fedtune import release
+    from fedtune.privacy import Ledger
+    from fedtune.runfolder import ledger_path, release_path
+
+    cfg = _cfg(tmp_path, "secure").replace(privacy={"seed": -1})  # fresh DP noise: a retrain would differ
+    first = _secure(cfg, initial, Grid(cfg))
+    again = _secure(cfg, initial, Grid(cfg))
+    assert not first.aborted and not again.aborted and again.included == NODES
+    names = [f"client-{i}" for i in range(len(NODES))]
+    for name in names:
+        assert [e["type"] for e in Ledger(ledger_path(tmp_path / "secure", name)).entries()] == ["plan", "spend", "resend"]
+    for node in NODES:
+        assert again.replies[node].content["metrics"]["resent"] == 1
+    kept = [release.load(release_path(tmp_path / "secure", name)) for name in names]
+    weight = sum(r.weight for r in kept)
+    plain = {k: sum(r.state[k].astype(np.float64) * r.weight for r in kept) / weight for k in kept[0].state}
+    _close(first.arrays, (plain, weight), cfg, len(NODES))
+    _close(again.arrays, (plain, weight), cfg, len(NODES))
+
+
 @pytest.mark.slow
 def test_a_simulation_with_secagg_matches_one_without(tmp_path):
     """Through Flower's simulation engine: the same seeded run with and without --secagg

@@ -23,7 +23,8 @@ from fedtune import config as config_mod
 from fedtune.deploy.control import Control, flower_env, tool
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
 from fedtune.errors import FedtuneError
-from fedtune.runfolder import atomic_write_text, is_run_dir, new_run_dir, read_json, update_run_file
+from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
+from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
 
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
@@ -37,6 +38,7 @@ def warn_insecure() -> None:
 def check_port(host: str, port: int, what: str) -> None:
     """Fail now, not in Flower's logs, when ``port`` is taken."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: a killed one's TIME_WAIT is free
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -225,28 +227,31 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
     s, cfg = load_server(path)
     if overrides:
         cfg = config_mod.load(None, {**config_mod.to_flat(cfg), **overrides})
-    if resume:
+    if resume:  # the same run: its folder and name; the config may change only where harmless
         run_dir = Path(resume).expanduser().resolve()
-        if not is_run_dir(run_dir):
-            raise FedtuneError(f"{run_dir} is not a run folder (no run.json); pass the folder `fedtune run` printed")
-        cfg = config_mod.load(run_dir / "config.toml")  # the same run: same config, same name
+        cfg = cfg.replace(run={"dir": str(run_dir), "name": stored_config(run_dir).run.name})
+        done = check_resume(run_dir, cfg)
+        with file_lock(run_dir / SERVER_LOCK, busy=f"the run in {run_dir} is still running on this server (its "
+                                                   "ServerApp holds the lock); stop it before resuming"):
+            pass
     else:
         run_dir = new_run_dir(s.output, cfg.run.name)
         cfg = cfg.replace(run={"dir": str(run_dir), "name": run_dir.name})  # clients keep ledgers under this name
+        atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
     ca = None if insecure else str(Path(s.certs) / "ca.crt")
     if ca is not None:
         certs.check_ca(ca)
     else:
         warn_insecure()
-    atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))
     update_run_file(run_dir, status="submitted", deployment=s.address)
     _wait_for_server(s.address)
     with tempfile.TemporaryDirectory(prefix="fedtune-flwr-") as home:
         control = Control(Path(home), s.address, ca)
-        run_id = control.submit(app_dir(), run_dir / "config.toml")
-        runs = read_json(run_dir / "run.json").get("flwr_run_ids", [])
-        update_run_file(run_dir, flwr_run_ids=runs + [run_id])
-        print(f"fedtune: run {run_id} submitted to {s.address}; run folder: {run_dir}", file=sys.stderr, flush=True)
+        submitted = Path(home) / "run.toml"  # the ServerApp checks it against the run folder's config.toml
+        atomic_write_text(submitted, config_mod.dump_toml(cfg))
+        run_id = control.submit(app_dir(), submitted)
+        what = f"resuming after round {done}" if resume else "submitted"
+        print(f"fedtune: run {run_id} {what} on {s.address}; run folder: {run_dir}", file=sys.stderr, flush=True)
         logs = control.stream_logs(run_id, run_dir / "flower.log")
         try:
             status = "unknown"
@@ -257,6 +262,6 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
             stop_tree(logs)
     run = read_json(run_dir / "run.json")
     if status != "finished:completed" or run.get("status") != "completed":
-        raise RunFailed(f"the run did not complete (Flower status {status}); see {run_dir}/flower.log"
-                        + (f"\n{run['error']}" if run.get("error") else ""))
+        raise RunFailed(f"the run did not complete (Flower status {status}); see {run_dir}/flower.log; to continue "
+                        f"it: fedtune run --resume {run_dir}" + (f"\n{run['error']}" if run.get("error") else ""))
     return run_dir

@@ -87,6 +87,31 @@ def _verify(name: str, ledger: Ledger, entries: list[dict], heads: dict[tuple[st
     return problems
 
 
+def _refusals(rows: list[dict], entries: dict[str, tuple[Ledger, list[dict]]]) -> list[dict]:
+    """Every refused round, as the server recorded it (metrics.jsonl: in deployment the
+    clients keep their ledgers) and as the refusing ledger records it (when at hand)."""
+    out: dict[tuple[str, int], dict] = {}
+    for r in rows:
+        if r.get("phase") == "train" and r.get("status") == "refused":
+            out[(r["client"], r["round"])] = {"client": r["client"], "round": r["round"], "reason": r.get("reason", ""),
+                                              "recorded_by": ["server"]}
+    for name, (_, ledger_entries) in entries.items():
+        for e in ledger_entries:
+            if e["type"] == "refusal":
+                row = out.setdefault((name, e["round"]), {"client": name, "round": e["round"], "reason": e["reason"],
+                                                          "recorded_by": []})
+                if "ledger" not in row["recorded_by"]:
+                    row["recorded_by"].append("ledger")
+    return sorted(out.values(), key=lambda r: (r["round"], r["client"]))
+
+
+def _unconfirmed(refusals: list[dict], entries: dict[str, tuple[Ledger, list[dict]]]) -> list[str]:
+    """Refusals the server recorded that the client's ledger (when at hand) does not."""
+    return [f"{entries[r['client']][0].path}: the server recorded {r['client']} refusing round {r['round']}, but its "
+            "ledger has no refusal for that round" for r in refusals
+            if r["recorded_by"] == ["server"] and r["client"] in entries]
+
+
 def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False) -> dict:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
@@ -94,15 +119,19 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
     ledgers = _ledgers(run_dir)
     if not ledgers:
         raise FedtuneError(f"{run_dir} holds no privacy ledger (clients/*/ledger.jsonl); was the run started?")
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
     heads = {(r["client"], r["round"]): r["ledger_head"]
-             for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("phase") == "train" and r.get("ledger_head")}
-    rows, problems = [], []
+             for r in metrics if r.get("phase") == "train" and r.get("ledger_head")}
+    rows, problems, entries = [], [], {}
     for name, ledger in ledgers:
-        entries = ledger.entries()  # FedtuneError naming file:line on a broken chain
-        rows.append(_row(name, ledger, entries))
+        entries[name] = (ledger, ledger.entries())  # FedtuneError naming file:line on a broken chain
+        rows.append(_row(name, ledger, entries[name][1]))
         if verify:
-            problems += _verify(name, ledger, entries, heads)
-    result = {"run_dir": str(run_dir), "rows": rows, "verified": verify, "problems": problems}
+            problems += _verify(name, ledger, entries[name][1], heads)
+    refusals = _refusals(metrics, entries)
+    if verify:
+        problems += _unconfirmed(refusals, entries)
+    result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems}
     if empirical:
         from fedtune.privacy.empirical import run_empirical
 
@@ -133,6 +162,13 @@ def render(result: dict) -> str:
     units = {r["level"]: r["unit"] for r in result["rows"]}
     lines += ["", "Units: " + "; ".join(f"**{k}-level**: {v}" for k, v in units.items()) + ".", "",
               "![ε per round](epsilon.png)", ""]
+    if result.get("refusals"):
+        lines += ["## Refusals", "", "A client (or the server, for client-level DP) declined a round rather than spend "
+                  "past its budget; nothing was released for it.", "",
+                  "| round | who | reason | recorded by |", "|---|---|---|---|"]
+        lines += [f"| {r['round']} | {r['client']} | {r['reason']} | {' and '.join(r['recorded_by'])} |"
+                  for r in result["refusals"]]
+        lines.append("")
     if any(r["seeded"] for r in result["rows"]):
         lines += ["> **privacy.seed was set**: the DP randomness was reproducible, so these ε do not hold.", ""]
     emp = result.get("empirical")
