@@ -49,12 +49,21 @@ NOT_COVERED = "training loss, held-out loss and example counts reported to the s
 
 @dataclass
 class _Model:
-    tokenizer: object
     model: object  # PeftModel, trainable LoRA only
     device: torch.device
     amp_dtype: torch.dtype | None
     path: str
     initial: dict[str, torch.Tensor]  # the adapter at its seeded init (A from run.seed, B zero)
+    _tokenizer: object = None
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use: a deployed client with its examples cached needs none."""
+        if self._tokenizer is None:
+            from fedtune.model import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
 
 
 @dataclass
@@ -66,10 +75,11 @@ class ClientSetup:
     train: TokenizedData
     heldout: TokenizedData
     run_dir: Path
+    pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
 
 
 _MODELS: dict[tuple, _Model] = {}
-_DATA: dict[tuple, tuple[TokenizedData, TokenizedData]] = {}
+_DATA: dict[tuple, tuple[TokenizedData, TokenizedData, int]] = {}
 
 
 def config_from_context(context: Context) -> config_mod.Config:
@@ -82,8 +92,7 @@ def _model(cfg: config_mod.Config) -> _Model:
         import torch
 
         from fedtune.model import (
-            add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
-            resolve_precision,
+            add_lora, get_adapter_state, load_base_model, resolve_device, resolve_model, resolve_precision,
         )
 
         _MODELS.clear()  # one base model per process
@@ -94,9 +103,8 @@ def _model(cfg: config_mod.Config) -> _Model:
             torch.set_num_threads(threads)
         device = resolve_device(cfg.model.device)
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-        tokenizer = load_tokenizer(path)
         model = add_lora(load_base_model(path, device), cfg, seed=cfg.run.seed)
-        _MODELS[key] = _Model(tokenizer, model, device, resolve_precision(cfg.model.precision, device), path,
+        _MODELS[key] = _Model(model, device, resolve_precision(cfg.model.precision, device), path,
                               get_adapter_state(model))
     return _MODELS[key]
 
@@ -120,9 +128,10 @@ def setup(context: Context) -> ClientSetup:
     key = (cfg.data, cfg.audit, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length,
            m.path, index, run_dir)
     if key not in _DATA:
-        _DATA[key] = client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index))
-    train, heldout = _DATA[key]
-    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir)
+        _DATA[key] = (*client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index)),
+                      m.tokenizer.pad_token_id)
+    train, heldout, pad_id = _DATA[key]
+    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id)
 
 
 def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
@@ -130,9 +139,9 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     m = _model(cfg)
     key = ("deployed", node.data_file, cfg.data, cfg.run.seed, cfg.model.max_length, m.path)
     if key not in _DATA:
-        _DATA[key] = local_examples(cfg, node, m.tokenizer)
-    train, heldout = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg))
+        _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
+    train, heldout, pad_id = _DATA[key]
+    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id)
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
@@ -341,7 +350,7 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         stats = train_round(
             s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
             learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
-            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
             sampling_generator=sampling, noise_generator=noise,
             physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
         )
@@ -381,7 +390,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     loss_sum, tokens = evaluate(
         s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
-        amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+        amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
     )
     mean = loss_sum / max(tokens, 1)
     return Message(RecordDict({
