@@ -363,9 +363,11 @@ def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tm
 
 # Each message runs in a fresh process: model messages import what they use and no more.
 # The data libraries (datasets, flwr_datasets and their pandas, matplotlib, seaborn) load
-# records, which the cached examples make unnecessary; evaluation needs no Opacus.
+# records, which the cached examples make unnecessary; evaluation needs no Opacus. At exit
+# the garbage collector is spared the imported objects (frozen).
 MODEL_MESSAGES_CHILD = r"""
-import json, sys
+import atexit, gc, json, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count()))  # runs after the ClientApp's hooks
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -407,5 +409,6 @@ def test_model_messages_in_a_fresh_process_import_no_data_libraries(tmp_path, ta
                           json.dumps(node), str(tmp_path / "initial.npz")],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    imported = json.loads(res.stdout.strip().splitlines()[-1])
-    assert imported == {"evaluate": [], "train": ["opacus"]}, imported
+    *_, imported, frozen = res.stdout.strip().splitlines()
+    assert json.loads(imported) == {"evaluate": [], "train": ["opacus"]}, imported
+    assert int(frozen.split(":")[1]) > 100_000, frozen
