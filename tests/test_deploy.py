@@ -166,8 +166,8 @@ def test_client_command_is_secure_by_default(fed):
     from fedtune.deploy.launch import client_command, server_command
 
     root, _, _ = fed
-    cmd, _, s = client_command(str(root / "client.toml"), insecure=False)
-    assert "--insecure" not in cmd
+    cmd, env, s = client_command(str(root / "client.toml"), insecure=False)
+    assert "--insecure" not in cmd and float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) < 1  # Flower's default: 1 s
     assert cmd[cmd.index("--root-certificates") + 1] == s.ca and cmd[cmd.index("--auth-supernode-private-key") + 1] == s.key
     cmd, _, _, keys = server_command(str(root / "server.toml"), insecure=False)
     assert "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
