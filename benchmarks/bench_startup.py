@@ -6,8 +6,9 @@ ClientApp and exits; ``--isolation process`` changes who starts it, not how many
 SecAgg+ stage and each evaluation pays for Python, the imports and the base model load.
 This measures, in a fresh process per repetition, what the ClientApp does before it can
 touch the message: interpreter start, importing the ClientApp, and fedtune's client setup
-(base model from the local safetensors cache, LoRA, tokenized local data), for two kinds of
-message: a SecAgg+ key stage (no torch, no model) and an evaluation (the model).
+(base model from the local safetensors cache, LoRA, the tokenized local examples the
+client's first message cached), for two kinds of message: a SecAgg+ key stage (no torch, no
+model) and an evaluation (the model). The process's exit after its reply is timed apart.
 
     python benchmarks/bench_startup.py                    # default model, 5 repetitions
     python benchmarks/bench_startup.py --model tiny-random-llama --reps 2 --out /tmp/x
@@ -68,24 +69,26 @@ else:  # evaluate: the base model, LoRA and local data, then the held-out loss o
     records = len(s.train)
 assert not reply.has_error(), reply.error.reason
 t_work = time.perf_counter()
-heavy = [m for m in ("torch", "transformers", "peft", "opacus", "datasets") if m in sys.modules]
+heavy = [m for m in ("torch", "transformers", "peft", "opacus", "datasets", "flwr_datasets", "pandas") if m in sys.modules]
 print(json.dumps({{"import": t_import - t0, "lazy": t_heavy - t_import, "setup": t_setup - t_heavy, "work": t_work - t_setup,
-                  "train_records": records, "heavy_modules": heavy}}))
-"""
+                  "train_records": records, "heavy_modules": heavy, "end": time.time()}}), flush=True)
+"""  # "end": wall-clock time when the script is done; the rest until the parent sees it exit is the exit
 
-PARTS = ("wall", "interpreter", "import", "lazy", "setup", "work")
+PARTS = ("wall", "interpreter", "import", "lazy", "setup", "work", "exit")
 
 
 def one(kind: str, model: str, data: str, state: str, adapter: str) -> dict:
     code = CHILD.format(root=str(ROOT), kind=kind, model=model, data=data, state=state, adapter=adapter)
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    wall = time.perf_counter() - t0
+    wall, done = time.perf_counter() - t0, time.time()
     if res.returncode != 0:
         raise SystemExit(res.stderr[-2000:])
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    return {**out, "wall": wall, "startup": wall - out["work"],
-            "interpreter": wall - out["import"] - out["lazy"] - out["setup"] - out["work"]}
+    exit_s = done - out["end"]
+    startup = wall - out["work"] - exit_s  # process start until the handler can do the message's own work
+    return {**out, "wall": wall, "startup": startup, "exit": exit_s,
+            "interpreter": startup - out["import"] - out["lazy"] - out["setup"]}
 
 
 def _adapter(model: str, path: Path) -> None:
@@ -103,11 +106,12 @@ def _adapter(model: str, path: Path) -> None:
 def _table(runs: list[dict]) -> str:
     med = {k: statistics.median(r[k] for r in runs) for k in ("startup", *PARTS)}
     rows = "\n".join(f"| {i + 1} | {r['startup']:.2f} | {r['interpreter']:.2f} | {r['import']:.2f} | {r['lazy']:.2f} "
-                     f"| {r['setup']:.2f} | {r['work']:.2f} |" for i, r in enumerate(runs))
-    return (f"| rep | start-up s | interpreter start + exit s | import ClientApp s | torch etc. on first use s "
-            f"| setup (model + LoRA + data) s | handler work s |\n|---|---|---|---|---|---|---|\n{rows}\n"
+                     f"| {r['setup']:.2f} | {r['work']:.2f} | {r['exit']:.2f} |" for i, r in enumerate(runs))
+    return (f"| rep | start-up s | interpreter start s | import ClientApp s | torch etc. on first use s "
+            f"| setup (model + LoRA + data) s | handler work s | exit after the reply s |\n"
+            f"|---|---|---|---|---|---|---|---|\n{rows}\n"
             f"| **median** | **{med['startup']:.2f}** | {med['interpreter']:.2f} | {med['import']:.2f} | {med['lazy']:.2f} "
-            f"| {med['setup']:.2f} | {med['work']:.2f} |\n")
+            f"| {med['setup']:.2f} | {med['work']:.2f} | {med['exit']:.2f} |\n")
 
 
 def main() -> None:
@@ -121,6 +125,7 @@ def main() -> None:
     from fedtune.data import client_data
     from fedtune.model import resolve_model
 
+    load_start = os.getloadavg()[0]
     path = resolve_model(args.model)  # materialized once, before timing (a client's cache is warm)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +142,7 @@ def main() -> None:
     med = {kind: {k: statistics.median(r[k] for r in runs) for k in ("startup", *PARTS)} for kind, runs in results.items()}
     result = {"model": args.model, "model_path": path, "safetensors_bytes": weights, "reps": results, "median": med,
               "target_s": 5.0, "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
-              "load_average": os.getloadavg()}
+              "load_average_start": load_start, "load_average": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "startup.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -145,15 +150,18 @@ def main() -> None:
         f"# Deployed client start-up per message ({args.model})\n\n"
         f"Fresh process per repetition (Flower 1.41 starts one ClientApp process per message); "
         f"base model {weights / 1e6:.0f} MB of safetensors in the local cache, page cache warm. "
-        f"Machine: {result['machine']}; load average at the end {result['load_average'][0]:.1f} (shared machine). "
+        f"Machine: {result['machine']}; load average {load_start:.1f} at the start, {result['load_average'][0]:.1f} at the end "
+        f"(shared machine). "
         f"Start-up = process start to the moment the handler can do the message's own work "
-        f"(interpreter start and exit + importing the ClientApp + imports on first use + setup); handler work is that "
-        f"work, not start-up. A process that imported torch also takes longer to exit.\n\n"
+        f"(interpreter start + importing the ClientApp + imports on first use + setup); handler work is that "
+        f"work, not start-up; exit = the end of the work to the process's end (after the reply; it delays no reply "
+        f"but uses the CPU).\n\n"
         f"## SecAgg+ key stage (advertise; share and unmask load the same)\n\n"
         f"No torch, transformers, peft, opacus or datasets is imported "
         f"(imported: {results['key'][0]['heavy_modules'] or 'none'}); handler work = key generation and reply.\n\n"
         f"{_table(results['key'])}\n"
         f"## Evaluate (training loads the same plus opacus, then trains)\n\n"
+        f"Imported: {', '.join(results['evaluate'][0]['heavy_modules'])}. "
         f"Handler work = held-out loss on at most 8 examples (data.max_eval_examples = 8).\n\n"
         f"{_table(results['evaluate'])}\n"
         f"Target ≤ 5 s. Not included: Flower's own per-message work (starting `flwr-clientapp`, pulling the message "

@@ -13,6 +13,8 @@ worker (a Ray actor serving many clients) loads the model once, not once per rou
 
 from __future__ import annotations
 
+import atexit
+import gc
 import hashlib
 import math
 import os
@@ -54,12 +56,21 @@ NOT_COVERED = "training loss, held-out loss and example counts reported to the s
 
 @dataclass
 class _Model:
-    tokenizer: object
     model: object  # PeftModel, trainable LoRA only
     device: torch.device
     amp_dtype: torch.dtype | None
     path: str
     initial: dict[str, torch.Tensor]  # the adapter at its seeded init (A from run.seed, B zero)
+    _tokenizer: object = None
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use: a deployed client with its examples cached needs none."""
+        if self._tokenizer is None:
+            from fedtune.model import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.path)
+        return self._tokenizer
 
 
 @dataclass
@@ -71,10 +82,15 @@ class ClientSetup:
     train: TokenizedData
     heldout: TokenizedData
     run_dir: Path
+    pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
 
 
 _MODELS: dict[tuple, _Model] = {}
-_DATA: dict[tuple, tuple[TokenizedData, TokenizedData]] = {}
+_DATA: dict[tuple, tuple[TokenizedData, TokenizedData, int]] = {}
+
+# A process that imported torch and transformers spends most of its exit (~1 s) letting the
+# garbage collector walk their ~400k objects; frozen at exit, they are left to the OS.
+atexit.register(gc.freeze)
 
 
 def config_from_context(context: Context) -> config_mod.Config:
@@ -87,8 +103,7 @@ def _model(cfg: config_mod.Config) -> _Model:
         import torch
 
         from fedtune.model import (
-            add_lora, get_adapter_state, load_base_model, load_tokenizer, resolve_device, resolve_model,
-            resolve_precision,
+            add_lora, get_adapter_state, load_base_model, resolve_device, resolve_model, resolve_precision,
         )
 
         _MODELS.clear()  # one base model per process
@@ -99,9 +114,8 @@ def _model(cfg: config_mod.Config) -> _Model:
             torch.set_num_threads(threads)
         device = resolve_device(cfg.model.device)
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
-        tokenizer = load_tokenizer(path)
         model = add_lora(load_base_model(path, device), cfg, seed=cfg.run.seed)
-        _MODELS[key] = _Model(tokenizer, model, device, resolve_precision(cfg.model.precision, device), path,
+        _MODELS[key] = _Model(model, device, resolve_precision(cfg.model.precision, device), path,
                               get_adapter_state(model))
     return _MODELS[key]
 
@@ -125,9 +139,10 @@ def setup(context: Context) -> ClientSetup:
     key = (cfg.data, cfg.audit, cfg.federation.clients, cfg.federation.mode, cfg.run.seed, cfg.model.max_length,
            m.path, index, run_dir)
     if key not in _DATA:
-        _DATA[key] = client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index))
-    train, heldout = _DATA[key]
-    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir)
+        _DATA[key] = (*client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index)),
+                      m.tokenizer.pad_token_id)
+    train, heldout, pad_id = _DATA[key]
+    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id)
 
 
 def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
@@ -135,9 +150,9 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     m = _model(cfg)
     key = ("deployed", node.data_file, cfg.data, cfg.run.seed, cfg.model.max_length, m.path)
     if key not in _DATA:
-        _DATA[key] = local_examples(cfg, node, m.tokenizer)
-    train, heldout = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg))
+        _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
+    train, heldout, pad_id = _DATA[key]
+    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id)
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
@@ -389,7 +404,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         stats = train_round(
             s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
             learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
-            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
             sampling_generator=sampling, noise_generator=noise,
             physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
         )
@@ -433,7 +448,7 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     loss_sum, tokens = evaluate(
         s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
-        amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id,
+        amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
     )
     mean = loss_sum / max(tokens, 1)
     return Message(RecordDict({

@@ -7,6 +7,10 @@ deterministic in ``run.seed``, so every process computes the same ones. A file w
 ``split`` column (``train`` / ``heldout``) fixes each record's side itself: the client keeps
 its records in file order, with no shuffle and no ``data.eval_fraction`` split, which is how
 a deployed client reproduces a simulated client's records exactly (``export_clients``).
+
+``datasets`` and ``flwr_datasets`` (with pandas, matplotlib, seaborn) are imported where
+records are loaded and split, not here: training and evaluation use only the tokenized
+examples, and a deployed client's model messages start faster without them.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from datasets import Dataset, concatenate_datasets
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 BUILTIN_DATA = ("drugreview",)
 SPLIT_FIELD = "split"  # optional column: each record's side, one of SPLITS
@@ -75,6 +81,8 @@ def _drugreview_rows() -> list[dict]:
 def load_records(source: str, text_field: str, prompt_field: str, completion_field: str) -> Dataset:
     """All records as a Dataset with ``prompt`` and ``completion`` columns (plus the rest)."""
     if source == "drugreview":
+        from datasets import Dataset
+
         return Dataset.from_list(_drugreview_rows())
     path = Path(source).expanduser()
     fmt = _FORMATS.get(path.suffix.lower())
@@ -126,15 +134,16 @@ def _check_split(values: list, path: Path) -> None:
 
 
 # ---- partitioning ----------------------------------------------------------------------
-class BalancedGroupPartitioner(Partitioner):
+class BalancedGroupPartitioner:
     """Whole groups (all records sharing a value of ``partition_by``) per client.
 
     The natural non-IID split: each clinic holds whole conditions. Groups are dealt
     largest first to the client with the fewest records, so sizes stay balanced.
+    (The interface of flwr_datasets' partitioners: set ``dataset``, then ``load_partition``.)
     """
 
     def __init__(self, num_partitions: int, partition_by: str) -> None:
-        super().__init__()
+        self.dataset: Dataset | None = None
         self._num_partitions = num_partitions
         self._partition_by = partition_by
         self._assignment: list[list[int]] | None = None
@@ -158,7 +167,9 @@ class BalancedGroupPartitioner(Partitioner):
         return self.dataset.select(self._assign()[partition_id])
 
 
-def _partitioner(cfg, num_partitions: int) -> Partitioner:
+def _partitioner(cfg, num_partitions: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     d = cfg.data
     if d.partition == "iid":
         return IidPartitioner(num_partitions)
@@ -242,6 +253,8 @@ def client_data(cfg, client_index: int) -> tuple[Dataset, Dataset]:
     cap = d.max_eval_examples
     splits = [(tr, ho.select(range(min(cap, len(ho)))) if cap else ho) for tr, ho in splits]
     if cfg.federation.mode == "centralized":  # the same held-out records as the federation's clients
+        from datasets import concatenate_datasets
+
         return (concatenate_datasets([s[0] for s in splits]), concatenate_datasets([s[1] for s in splits]))
     return splits[client_index]
 

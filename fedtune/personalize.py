@@ -76,7 +76,7 @@ def _perplexity(s) -> float:
     from fedtune.train import evaluate
 
     loss, tokens = evaluate(s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
-                            amp_dtype=s.m.amp_dtype, pad_id=s.m.tokenizer.pad_token_id)
+                            amp_dtype=s.m.amp_dtype, pad_id=s.pad_id)
     return math.exp(min(loss / max(tokens, 1), 50.0))
 
 
@@ -132,7 +132,7 @@ def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         train_round(s.m.model, s.train, steps=steps, batch_size=s.cfg.train.batch_size, learning_rate=p.lr,
                     weight_decay=s.cfg.train.weight_decay, dp=dp, device=s.m.device, amp_dtype=s.m.amp_dtype,
-                    pad_id=s.m.tokenizer.pad_token_id, sampling_generator=sampling, noise_generator=noise,
+                    pad_id=s.pad_id, sampling_generator=sampling, noise_generator=noise,
                     physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step)
     return get_adapter_state(s.m.model)
 

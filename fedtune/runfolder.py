@@ -40,12 +40,12 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; run files are ordinary readable files
+        os.fchmod(fd, mode)  # mkstemp makes 0600; run files are ordinary readable files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

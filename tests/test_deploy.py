@@ -180,8 +180,8 @@ def test_client_command_is_secure_by_default(fed):
     from fedtune.deploy.launch import client_command, server_command
 
     root, _, _ = fed
-    cmd, _, s = client_command(str(root / "client.toml"), insecure=False)
-    assert "--insecure" not in cmd
+    cmd, env, s = client_command(str(root / "client.toml"), insecure=False)
+    assert "--insecure" not in cmd and float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) < 1  # Flower's default: 1 s
     assert cmd[cmd.index("--root-certificates") + 1] == s.ca and cmd[cmd.index("--auth-supernode-private-key") + 1] == s.key
     cmd, _, _, keys = server_command(str(root / "server.toml"), insecure=False)
     assert "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
@@ -296,3 +296,133 @@ def test_secagg_key_stages_import_no_torch_or_model(tmp_path):
                           str(tmp_path / "runs")], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "advertise" in res.stdout
+
+
+# ---- a deployed client's model messages --------------------------------------------------
+def _deployed(tmp_path, rows):
+    """(config, node config) of a deployed client holding ``rows`` in its own data file."""
+    write_data(tmp_path / "data.jsonl", rows)
+    node = {"fedtune-client": "clinic-a", "data-file": str(tmp_path / "data.jsonl"), "budget": 8.0,
+            "state-dir": str(tmp_path / "state"), "model-cache": "", "allow-seeded": False}
+    return tiny_config(run={"dir": str(tmp_path / "runs")}), node
+
+
+def _rows(n, tag=""):
+    return [{"prompt": f"Q{i}{tag}:", "completion": f" answer {i * 7} {tag}"} for i in range(n)]
+
+
+
+def _context_of(cfg, node):
+    from flwr.app import Context, RecordDict
+
+    from fedtune import config as config_mod
+
+    return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config_mod.to_flat(cfg))
+
+
+def _evaluate(cfg, node, initial):
+    """The evaluate reply's metrics, less its timing."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+
+    from fedtune.client import handle_evaluate
+
+    msg = Message(RecordDict({"arrays": ArrayRecord(initial), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type=MessageType.EVALUATE)
+    reply = handle_evaluate(msg, _context_of(cfg, node))
+    assert not reply.has_error(), reply.error.reason
+    return {k: v for k, v in reply.content["metrics"].items() if k != "eval-seconds"}
+
+
+def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tmp_path, monkeypatch, task_identity,
+                                                                              tiny_path):
+    import fedtune.client
+    import fedtune.data
+    from fedtune.deploy.node import data_config
+    from fedtune.model import load_tokenizer
+    from fedtune.server import initial_adapter
+
+    cfg, node = _deployed(tmp_path, _rows(30))
+    initial = initial_adapter(cfg, tiny_path)
+    monkeypatch.setattr(fedtune.client, "_MODELS", {})  # a fresh process: no model, no data in memory
+    monkeypatch.setattr(fedtune.client, "_DATA", {})
+    first = _evaluate(cfg, node, initial)
+    cache = tmp_path / "state" / "cache" / "examples.npz"
+    assert cache.is_file() and (cache.stat().st_mode & 0o777) == 0o600  # derived from private data
+    fedtune.client._DATA.clear()
+    fedtune.client._MODELS.clear()
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the cached examples were tokenized again")
+
+    monkeypatch.setattr(fedtune.data, "client_examples", no_tokenizing)
+    assert _evaluate(cfg, node, initial) == first
+    s = fedtune.client.setup(_context_of(cfg, node))
+    assert s.m._tokenizer is None  # nor was the tokenizer loaded
+    monkeypatch.undo()
+    fresh = fedtune.data.client_examples(data_config(cfg, node["data-file"]), 0, load_tokenizer(tiny_path))
+    for cached, computed in zip((s.train, s.heldout), fresh):
+        assert [x.tolist() for x in cached.ids] == [x.tolist() for x in computed.ids]
+        assert cached.starts == computed.starts
+    assert s.pad_id == load_tokenizer(tiny_path).pad_token_id
+
+    write_data(tmp_path / "data.jsonl", _rows(30, tag="new"))  # same file, new records: the cache is stale
+    fedtune.client._DATA.clear()
+    fedtune.data.load_records.cache_clear()  # as in the next message's fresh process
+    fedtune.data._client_splits.cache_clear()
+    assert _evaluate(cfg, node, initial)["eval-loss-sum"] != first["eval-loss-sum"]
+    cache.write_bytes(b"damaged")  # an unreadable cache is recomputed, not trusted
+    fedtune.client._DATA.clear()
+    assert _evaluate(cfg, node, initial)["num-examples"] == first["num-examples"]
+
+
+# Each message runs in a fresh process: model messages import what they use and no more.
+# The data libraries (datasets, flwr_datasets and their pandas, matplotlib, seaborn) load
+# records, which the cached examples make unnecessary; evaluation needs no Opacus. At exit
+# the garbage collector is spared the imported objects (frozen).
+MODEL_MESSAGES_CHILD = r"""
+import atexit, gc, json, sys
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count()))  # runs after the ClientApp's hooks
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+import client.client_app
+from fedtune.client import handle_evaluate, handle_train
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+run_config, node_config = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+initial = {k: Array(v) for k, v in np.load(sys.argv[3]).items()}
+ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+watched = ("datasets", "flwr_datasets", "pandas", "matplotlib", "seaborn", "opacus")
+imported = {}
+for kind, handler in (("evaluate", handle_evaluate), ("train", handle_train)):
+    msg = Message(RecordDict({"arrays": ArrayRecord(initial), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=1, message_type=getattr(MessageType, kind.upper()))
+    reply = handler(msg, ctx)
+    assert not reply.has_error(), reply.error.reason
+    imported[kind] = [m for m in watched if m in sys.modules]
+print(json.dumps(imported))
+"""
+
+
+def test_model_messages_in_a_fresh_process_import_no_data_libraries(tmp_path, task_identity, tiny_path):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from fedtune import config as config_mod
+    from fedtune.server import initial_adapter
+    from tests.conftest import ROOT
+
+    cfg, node = _deployed(tmp_path, _rows(30))
+    initial = initial_adapter(cfg, tiny_path)
+    _evaluate(cfg, node, initial)  # the client's first message caches its examples
+    np.savez(tmp_path / "initial.npz", **{k: v.numpy() for k, v in initial.items()})
+    res = subprocess.run([sys.executable, "-c", MODEL_MESSAGES_CHILD, json.dumps(config_mod.to_flat(cfg)),
+                          json.dumps(node), str(tmp_path / "initial.npz")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    *_, imported, frozen = res.stdout.strip().splitlines()
+    assert json.loads(imported) == {"evaluate": [], "train": ["opacus"]}, imported
+    assert int(frozen.split(":")[1]) > 100_000, frozen

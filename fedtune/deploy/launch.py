@@ -26,6 +26,7 @@ from fedtune.errors import FedtuneError
 from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
 
+SUPEREXEC_POLL_S = "0.25"  # seconds between a client SuperExec's polls for a message to run (Flower's default 1)
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
                     "read the updates and join the federation. Use it only on a trusted test network.")
@@ -171,7 +172,9 @@ def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSe
     s = load_client(path)
     check_client(s, insecure)
     Path(s.state).mkdir(parents=True, exist_ok=True)
-    env = flower_env(Path(s.state) / "flwr-home")
+    # The SuperNode's SuperExec looks for a message to start a ClientApp for once a second by
+    # default (flwr/supercore/superexec/run_superexec.py); every message waits for that poll.
+    env = {**flower_env(Path(s.state) / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S}
     cmd = [tool("flower-supernode", env), "--superlink", s.superlink, "--node-config", node_config_arg(s),
            "--isolation", "subprocess", "--port", str(s.port)]
     if insecure:

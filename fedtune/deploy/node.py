@@ -5,16 +5,32 @@ config. With them the ClientApp trains on the local data file only, enforces the
 privacy budget (the run config's privacy.budget is ignored), keeps its ledger in the
 local state folder, and refuses what a deployment must not accept: seeded DP noise
 (unless the operator allows it, for tests) and planted audit records.
+
+Every message runs in a fresh process, so the tokenized local examples are cached in the
+state folder (state/cache/examples.npz, keyed by the data file's and the tokenizer's bytes
+and the settings that shape them): a message then needs neither the tokenizer nor
+``datasets``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import zipfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from fedtune import __version__
 from fedtune import config as config_mod
 from fedtune.errors import FedtuneError
+from fedtune.runfolder import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from fedtune.data import TokenizedData
+
+EXAMPLES_FORMAT = "fedtune-examples/1"
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 
 
 @dataclass(frozen=True)
@@ -68,7 +84,73 @@ def data_config(cfg: config_mod.Config, data_file: str) -> config_mod.Config:
                        secagg={"enabled": False}, client_dp={"enabled": False})
 
 
-def local_examples(cfg: config_mod.Config, node: LocalNode, tokenizer):
+def local_examples(cfg: config_mod.Config, node: LocalNode, model_path: str,
+                   tokenizer: Callable[[], Any]) -> tuple[TokenizedData, TokenizedData, int]:
+    """(train, held-out, padding id) of the local data file, from the cache when it matches."""
     from fedtune.data import client_examples
 
-    return client_examples(data_config(cfg, node.data_file), 0, tokenizer)
+    dcfg = data_config(cfg, node.data_file)
+    key = _examples_key(dcfg, model_path)
+    path = Path(node.state_dir) / "cache" / "examples.npz"
+    cached = _load_examples(path, key) if key else None
+    if cached is not None:
+        return cached
+    tok = tokenizer()
+    train, heldout = client_examples(dcfg, 0, tok)
+    if key:
+        _save_examples(path, key, train, heldout, tok.pad_token_id)
+    return train, heldout, tok.pad_token_id
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _examples_key(dcfg: config_mod.Config, model_path: str) -> str | None:
+    """What the tokenized examples depend on; None (no cache) for a model that is not a local folder."""
+    model = Path(model_path)
+    if not model.is_dir():
+        return None
+    tokenizer_files = sorted(p for p in model.iterdir() if p.is_file() and p.suffix not in _WEIGHTS)
+    return hashlib.sha256(json.dumps({
+        "format": EXAMPLES_FORMAT, "fedtune": __version__, "data": asdict(dcfg.data), "seed": dcfg.run.seed,
+        "max_length": dcfg.model.max_length, "data_file": _file_digest(Path(dcfg.data.source)),
+        "tokenizer": {p.name: _file_digest(p) for p in tokenizer_files},
+    }, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _save_examples(path: Path, key: str, train: TokenizedData, heldout: TokenizedData, pad_id: int) -> None:
+    import io
+
+    import numpy as np
+
+    arrays = {"key": np.array(key), "pad_id": np.array(pad_id)}
+    for part, data in (("train", train), ("heldout", heldout)):
+        arrays[f"{part}_ids"] = np.concatenate([x.numpy() for x in data.ids])
+        arrays[f"{part}_lengths"] = np.array([len(x) for x in data.ids], dtype=np.int64)
+        arrays[f"{part}_starts"] = np.array(data.starts, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue(), mode=0o600)  # derived from the private data: owner only
+
+
+def _load_examples(path: Path, key: str) -> tuple[TokenizedData, TokenizedData, int] | None:
+    """The cached examples, or None when missing, stale or unreadable (then they are recomputed)."""
+    import numpy as np
+    import torch
+
+    from fedtune.data import TokenizedData
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            parts = [TokenizedData(list(torch.from_numpy(z[f"{part}_ids"]).split(z[f"{part}_lengths"].tolist())),
+                                   z[f"{part}_starts"].tolist()) for part in ("train", "heldout")]
+            return parts[0], parts[1], int(z["pad_id"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
