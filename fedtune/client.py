@@ -355,7 +355,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     ledger = Ledger(ledger_path(s.run_dir, s.name))
     clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     try:
-        asked = release.fingerprint(server_round, msg.content["arrays"], clip)
+        asked = release.fingerprint(server_round, msg.content["arrays"], clip, secure)
         again = _resend(s, ledger, server_round, asked, secure)
         if again is not None:
             return again

@@ -29,10 +29,11 @@ from flwr.app import ArrayRecord
 from fedtune.runfolder import atomic_write_bytes
 
 
-def fingerprint(server_round: int, arrays: ArrayRecord, clip_norm: float) -> str:
+def fingerprint(server_round: int, arrays: ArrayRecord, clip_norm: float, secure: bool) -> str:
     """SHA-256 of what the server asked: the round, the global adapter (keys, dtypes, shapes,
-    values) and the client-level clip bound it wants."""
-    h = hashlib.sha256(f"round {server_round} clip {clip_norm!r}\n".encode())
+    values), the client-level clip bound and whether the update goes into a secure sum (which
+    reveals fewer metrics)."""
+    h = hashlib.sha256(f"round {server_round} clip {clip_norm!r} secure {secure}\n".encode())
     for key in sorted(arrays.keys()):
         value = np.ascontiguousarray(arrays[key].numpy())
         h.update(f"{key} {value.dtype.str} {value.shape}\n".encode())
