@@ -14,11 +14,12 @@ import subprocess
 import pytest
 
 from fedtune import config
+from fedtune.data import export_clients
 from fedtune.privacy import Ledger, epsilon, make_plan
 from fedtune.resume import completed_round
 from fedtune.runfolder import read_json, read_jsonl
 from tests.conftest import tiny_config
-from tests.deployment import Federation, cli, client_rows, wait_for, write_data
+from tests.deployment import Federation, cli, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -46,9 +47,7 @@ def _tight_budget(cfg, data_file, tiny_path) -> float:
 
 @pytest.fixture
 def federation(tmp_path, tiny_path):
-    cfg = tiny_config(federation={"clients": len(NAMES)})
-    for i, name in enumerate(NAMES):
-        write_data(tmp_path / "data" / f"{name}.jsonl", client_rows(cfg, i))
+    export_clients(tiny_config(federation={"clients": len(NAMES)}), tmp_path / "data", NAMES)
     fed = Federation(tmp_path, NAMES, RUN)
     run_cfg = config.load(None, {f"{s}.{k}": v for s, body in RUN.items() for k, v in body.items()})
     fed.client_config(TIGHT, budget=_tight_budget(run_cfg, tmp_path / "data" / f"{TIGHT}.jsonl", tiny_path))
