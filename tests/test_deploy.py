@@ -426,3 +426,31 @@ def test_model_messages_in_a_fresh_process_import_no_data_libraries(tmp_path, ta
     *_, imported, frozen = res.stdout.strip().splitlines()
     assert json.loads(imported) == {"evaluate": [], "train": ["opacus"]}, imported
     assert int(frozen.split(":")[1]) > 100_000, frozen
+
+
+def test_run_gives_up_on_a_server_that_stays_unreachable(fed, monkeypatch):
+    """A server that dies mid-run (no status for lost_after seconds) ends `fedtune run` with
+    the command that resumes it, instead of polling forever."""
+    import subprocess
+
+    from fedtune.deploy import launch
+    from fedtune.simulate import RunFailed
+
+    class Lost:
+        def __init__(self, *args):
+            pass
+
+        def submit(self, *args):
+            return "7"
+
+        def stream_logs(self, *args):
+            return subprocess.Popen(["sleep", "30"], start_new_session=True)
+
+        def status(self, run_id):
+            return "unknown"
+
+    root = fed[0]
+    monkeypatch.setattr(launch, "Control", Lost)
+    monkeypatch.setattr(launch, "_wait_for_server", lambda address: None)
+    with pytest.raises(RunFailed, match=r"lost the server .* fedtune run --resume .*runs"):
+        launch.run(str(root / "server.toml"), insecure=False, poll=0.01, lost_after=0.2)

@@ -223,7 +223,7 @@ def _wait_for_server(address: str, timeout: float = 60.0) -> None:
 
 
 def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | None = None,
-        poll: float = 2.0) -> Path:
+        poll: float = 2.0, lost_after: float = 300.0) -> Path:
     """Submit the federation's run to the server and follow it to its end; the run folder."""
     from fedtune.simulate import RunFailed, app_dir
 
@@ -257,10 +257,14 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
         print(f"fedtune: run {run_id} {what} on {s.address}; run folder: {run_dir}", file=sys.stderr, flush=True)
         logs = control.stream_logs(run_id, run_dir / "flower.log")
         try:
-            status = "unknown"
+            status, lost_since = "unknown", None
             while not status.startswith("finished"):
                 time.sleep(poll)
                 status = control.status(run_id)
+                lost_since = (lost_since or time.monotonic()) if status == "unknown" else None
+                if lost_since is not None and time.monotonic() - lost_since > lost_after:
+                    raise RunFailed(f"lost the server at {s.address}: no status of run {run_id} for "
+                                    f"{lost_after:.0f} s; when it is back, continue with: fedtune run --resume {run_dir}")
         finally:
             stop_tree(logs)
     run = read_json(run_dir / "run.json")
