@@ -365,14 +365,21 @@ def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tm
         assert cached.starts == computed.starts
     assert s.pad_id == load_tokenizer(tiny_path).pad_token_id
 
+    def next_message():  # a fresh process: nothing read or tokenized in memory
+        fedtune.client._DATA.clear()
+        fedtune.data.load_records.cache_clear()
+        fedtune.data._client_splits.cache_clear()
+
     write_data(tmp_path / "data.jsonl", _rows(30, tag="new"))  # same file, new records: the cache is stale
-    fedtune.client._DATA.clear()
-    fedtune.data.load_records.cache_clear()  # as in the next message's fresh process
-    fedtune.data._client_splits.cache_clear()
+    next_message()
     assert _evaluate(cfg, node, initial)["eval-loss-sum"] != first["eval-loss-sum"]
     cache.write_bytes(b"damaged")  # an unreadable cache is recomputed, not trusted
-    fedtune.client._DATA.clear()
+    next_message()
     assert _evaluate(cfg, node, initial)["num-examples"] == first["num-examples"]
+    (tmp_path / "data.jsonl").unlink()  # a cache does not stand in for a data file that is gone
+    next_message()
+    with pytest.raises(AssertionError, match="data.jsonl not found"):
+        _evaluate(cfg, node, initial)
 
 
 # Each message runs in a fresh process: model messages import what they use and no more.

@@ -29,7 +29,7 @@ from fedtune.runfolder import atomic_write_bytes
 if TYPE_CHECKING:
     from fedtune.data import TokenizedData
 
-EXAMPLES_FORMAT = "fedtune-examples/1"
+EXAMPLES_FORMAT = "fedtune-examples/1"  # change it when tokenization changes: old caches are then recomputed
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx", ".ckpt")
 
 
@@ -115,11 +115,14 @@ def _examples_key(dcfg: config_mod.Config, model_path: str) -> str | None:
     model = Path(model_path)
     if not model.is_dir():
         return None
-    tokenizer_files = sorted(p for p in model.iterdir() if p.is_file() and p.suffix not in _WEIGHTS)
+    try:
+        tokenizer = {p.name: _file_digest(p) for p in sorted(model.iterdir()) if p.is_file() and p.suffix not in _WEIGHTS}
+        data = _file_digest(Path(dcfg.data.source))
+    except OSError:  # e.g. the data file is gone: reading it says so in one line
+        return None
     return hashlib.sha256(json.dumps({
         "format": EXAMPLES_FORMAT, "fedtune": __version__, "data": asdict(dcfg.data), "seed": dcfg.run.seed,
-        "max_length": dcfg.model.max_length, "data_file": _file_digest(Path(dcfg.data.source)),
-        "tokenizer": {p.name: _file_digest(p) for p in tokenizer_files},
+        "max_length": dcfg.model.max_length, "data_file": data, "tokenizer": tokenizer,
     }, sort_keys=True, default=str).encode()).hexdigest()
 
 
