@@ -162,8 +162,8 @@ def completion_nll(model, data: TokenizedData, *, batch_size: int, device, amp_d
         labels = batch["labels"][:, 1:].to(device)
         token_loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                      ignore_index=-100, reduction="none").view(labels.shape)
-        for j, i in enumerate(rows):
-            nll[i], tokens[i] = float(token_loss[j].sum()), int((labels[j] != -100).sum())
+        for i, loss, count in zip(rows, token_loss.sum(1).tolist(), (labels != -100).sum(1).tolist()):
+            nll[i], tokens[i] = loss, count
     return nll, tokens
 
 
