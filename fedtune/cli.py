@@ -7,6 +7,7 @@ starts but fails exits 1; success exits 0.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -195,9 +196,15 @@ def cmd_simulate(args) -> int:
 
     cfg = config_mod.load(args.config, _overrides(args))
     baselines = _baselines(args.baselines)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # killed from outside: stop the SuperLink as Ctrl-C does
+        signal.signal(sig, _interrupted)
     run_dir = simulate(cfg, baselines, make_follower(args.quiet), None if args.quiet else _announce)
     _print_result(run_dir)
     return 0
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:

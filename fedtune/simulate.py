@@ -142,7 +142,11 @@ class LocalSuperLink:
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # an interrupt at start-up too: __exit__ will not run
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self, timeout: float = 60.0) -> None:

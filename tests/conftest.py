@@ -15,6 +15,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    from tests.processes import install
+
+    install()  # no SuperLink, SuperNode or Ray process outlives a killed test run
+
+
 @pytest.fixture(scope="session")
 def tiny_path() -> str:
     from fedtune.model import TINY_MODEL, resolve_model
