@@ -48,7 +48,10 @@ def test_adapter_folder_round_trips_through_peft(tiny_path, tmp_path):
     M.save_adapter(tmp_path / "adapter", state, cfg, tiny_path)
     M.save_adapter(tmp_path / "adapter", state, cfg, tiny_path)  # overwriting is atomic too
     loaded = PeftModel.from_pretrained(M.load_base_model(tiny_path, torch.device("cpu")), str(tmp_path / "adapter"))
-    for key, value in M.get_adapter_state(loaded).items():
+    restored = M.get_adapter_state(loaded)
+    assert any("lora_A" in k for k in state) and any("lora_B" in k for k in state)
+    assert restored.keys() == state.keys()  # every LoRA tensor came back, under the same name
+    for key, value in restored.items():
         torch.testing.assert_close(value, state[key])
 
 
