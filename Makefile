@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "fedtune needs Python >= 3.11"; exit 1; }
@@ -25,8 +25,15 @@ install: $(STAMP)
 demo: install
 	$(BIN)/fedtune simulate simulations/default.toml
 
+# Two workers (pytest-xdist); each test file stays on one worker, so a module's shared
+# simulation runs once. `make test-fast` leaves out the end-to-end runs (marked slow).
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+
+test-fast: install
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	$(BIN)/python benchmarks/bench_step.py

@@ -67,6 +67,7 @@ def epsilon(history: History, delta: float, accountant: str = "rdp") -> float:
     return float(acc.get_epsilon(delta=delta, **_options(accountant)))
 
 
+@functools.lru_cache(maxsize=256)  # a pure function that takes seconds: setup and every round reuse it
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
     """The smallest σ (to 0.01 in ε) whose ``steps`` steps at ``sample_rate`` stay within ε."""
     from opacus.accountants.utils import get_noise_multiplier
