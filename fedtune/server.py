@@ -151,7 +151,7 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
     nodes = sorted(m.metadata.dst_node_id for m in messages)
     g = cfg.secagg
     sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes), ddg=ddg),
-                       g.degree, g.threshold, timeout, before_unmask)
+                       g.degree, g.threshold, timeout, before_unmask, min_inputs=g.min_inputs)
     outcomes = []
     for node in nodes:
         reply = sec.replies.get(node)
@@ -265,6 +265,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
             new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
             outcomes = list(strategy.outcomes)
         train_seconds = time.perf_counter() - t0
+        if server_ledger is not None and secure_info.get("secagg-aborted"):  # nothing released this round
+            server_ledger.append({"type": "abort", "round": round_, "reason": secure_info["secagg-aborted"], "time": now()})
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})

@@ -4,8 +4,8 @@
     reply = client.advertise_keys()                # {"pk_enc": bytes, "pk_mask": bytes}
     reply = client.share_keys(msg)                 # msg {"pk_enc": {j: bytes}, "pk_mask": {j: bytes}}
                                                    # -> {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-    reply = client.collect(msg, vector)            # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-                                                   # -> {"masked": bytes (m bits per value)}
+    reply = client.collect(msg, vector, real)      # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
+                                                   # -> {"masked": bytes (m bits per value), "real": 0 | 1}
     reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j]}
                                                    # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
 
@@ -119,10 +119,10 @@ class SecAggClient:
         return {"ciphertexts": ciphertexts, "commitments": commitments}
 
     # -- collect ----------------------------------------------------------------------
-    def collect(self, msg: dict[str, Any], vector: np.ndarray) -> dict[str, bytes]:
-        """receive_shares(msg), then masked_input(vector)."""
+    def collect(self, msg: dict[str, Any], vector: np.ndarray, real: bool = True) -> dict[str, Any]:
+        """receive_shares(msg), then masked_input(vector, real)."""
         self.receive_shares(msg)
-        return self.masked_input(vector)
+        return self.masked_input(vector, real)
 
     def receive_shares(self, msg: dict[str, Any]) -> None:
         self._enter(Stage.COLLECT)
@@ -159,8 +159,13 @@ class SecAggClient:
             raise SecAggAborted(f"client {me}: only {len(held)} neighbours sent shares, {t} needed")
         self._held = held
 
-    def masked_input(self, vector: np.ndarray) -> dict[str, bytes]:
-        """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares."""
+    def masked_input(self, vector: np.ndarray, real: bool = True) -> dict[str, Any]:
+        """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares.
+
+        ``real`` is False for a client that refused to train: it masks a zero update (or, under
+        distributed DP, only its noise) and says so, so the server can count the real inputs
+        against min_inputs before it unmasks anything. A refusal is public anyway (the
+        server logs and records it); what the others trained stays inside the sum."""
         self._enter(Stage.COLLECT)
         if not self._held:
             raise SecAggError(f"client {self.id}: masked_input before receive_shares")
@@ -181,7 +186,7 @@ class SecAggClient:
                 y -= mask
         y &= field_mask(self.setup)
         self.stage = Stage.UNMASK
-        return {"masked": pack(y, m)}
+        return {"masked": pack(y, m), "real": int(bool(real))}
 
     # -- unmask -----------------------------------------------------------------------
     def unmask(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:

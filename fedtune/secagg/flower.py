@@ -123,7 +123,8 @@ class SecureRound:
     """What one securely aggregated round produced."""
 
     arrays: ArrayRecord | None  # the new global adapter; None when nothing was aggregated
-    included: list[int]  # nodes whose updates are in the sum
+    included: list[int]  # nodes whose masked inputs are in the sum
+    real: list[int] = field(default_factory=list)  # of those, the nodes that trained (not refusals)
     total_weight: float = 0.0  # Σ w_i (examples) of the included clients
     replies: dict[int, Message] = field(default_factory=dict)  # each node's collect reply
     lost: dict[int, str] = field(default_factory=dict)  # node -> why it is not in the sum
@@ -168,7 +169,7 @@ def _bytes_of(msg: Message) -> int:
 
 def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
                  degree: int, threshold: int, timeout: float,
-                 before_unmask: Callable[[list[int]], str] | None = None) -> SecureRound:
+                 before_unmask: Callable[[list[int]], str] | None = None, min_inputs: int = 3) -> SecureRound:
     """One training round of ``nodes`` under SecAgg+; never raises for a client's fault.
 
     ``before_unmask(included)`` runs once the inputs in the sum are fixed, before anything is
@@ -179,7 +180,7 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
     size = sum(v.size for v in old.values())
     coder = encoding.coder()
     params = SecAggParams(field_bits=coder.field_bits, length=coder.length(size), degree=degree,
-                          threshold=threshold or None, round=server_round)
+                          threshold=threshold or None, round=server_round, min_inputs=min_inputs)
     out = SecureRound(arrays=None, included=[])
     try:
         server = SecAggServer(params, nodes)
@@ -217,7 +218,8 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
         inputs = {}
         for n, r in ok.items():
             if MASKED in r.content.array_records and MASKED in r.content[MASKED]:
-                inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes()}
+                said = from_record(r.content["reply"]) if "reply" in r.content.config_records else {}
+                inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes(), "real": said.get("real")}
             else:
                 inputs[n] = {}  # rejected by the server: no masked input
         server.receive_collect(inputs)
@@ -237,7 +239,7 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
         return out
     for node, reason in server.rejected.items():
         lost.setdefault(node, reason)
-    out.included = list(result.clients)
+    out.included, out.real = list(result.clients), list(result.real)
     t0 = time.perf_counter()
     weighted, total_weight = coder.decode(result.total, len(result.clients))
     out.total_weight = total_weight
@@ -250,8 +252,8 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
             start += n
         out.arrays = ArrayRecord(new)
     out.seconds["decode"] = time.perf_counter() - t0
-    log(INFO, "secure aggregation: %d of %d clients in the sum (total weight %.0f)", len(out.included), len(nodes),
-        total_weight)
+    log(INFO, "secure aggregation: %d of %d clients in the sum, %d of them real inputs (total weight %.0f)",
+        len(out.included), len(nodes), len(out.real), total_weight)
     return out
 
 
@@ -281,9 +283,12 @@ def _load(context: Context, stage: Stage) -> SecAggClient:
 
 
 def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message],
-                 check: Callable[[Encoding], None] | None = None) -> Message:
+                 check: Callable[[Encoding], None] | None = None,
+                 min_inputs: Callable[[], int] | None = None) -> Message:
     """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect;
-    ``check`` vets the server's encoding at setup (raising to refuse the round)."""
+    ``check`` vets the server's encoding at setup (raising to refuse the round);
+    ``min_inputs()`` is this client's own floor on real inputs per sum (a setup with a lower
+    one is refused)."""
     config = msg.content["config"]
     try:
         stage = Stage(str(config[STAGE]))
@@ -293,7 +298,11 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
     if stage is Stage.ADVERTISE:
         body = from_record(config)
         client = SecAggClient(me, {k: body.get(k) for k in ("round", "field_bits", "length", "degree", "threshold",
-                                                            "client_ids", "graph_seed")})
+                                                            "min_inputs", "client_ids", "graph_seed")})
+        if min_inputs is not None and client.setup.params.min_inputs < min_inputs():
+            raise SecAggError(f"secure aggregation: the server asks for sums of at least "
+                              f"{client.setup.params.min_inputs} real inputs, this client's secagg.min_inputs is "
+                              f"{min_inputs()}; refusing the round")
         encoding = Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now
         if check is not None:
             check(encoding)
@@ -325,12 +334,13 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
                 log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
                     "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
         t0 = time.perf_counter()
-        reply = client.masked_input(coder.encode(delta, weight, seed=update.seed))
+        reply = client.masked_input(coder.encode(delta, weight, seed=update.seed), real=update.state is not None)
         seconds = time.perf_counter() - t0  # encoding (and noise) plus masking: this client's own cost
         _save(context, client)
         packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
         metrics = {**update.metrics, "upload-bytes": int(packed.size), "secagg-seconds": seconds}
         return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
+                                   "reply": to_record({"real": reply["real"]}),
                                    "client": ConfigRecord(update.client)}), reply_to=msg)
     if stage is Stage.UNMASK:
         reply = client.unmask(from_record(config))

@@ -69,13 +69,15 @@ class SecAggParams:
     """field_bits: m, vectors are mod 2^m. length: values per vector. degree: neighbours per
     client (k; the full graph when k >= n - 1). threshold: shares needed to rebuild a secret
     (t; default a majority of the neighbours, floor(k/2) + 1). round: binds keys and
-    ciphertexts to this round."""
+    ciphertexts to this round. min_inputs: the fewest real inputs (clients that trained, not
+    refusals or dropouts) a released sum may contain; below it the round aborts."""
 
     field_bits: int
     length: int
     degree: int = 8
     threshold: int | None = None
     round: int = 0
+    min_inputs: int = 2  # fewest real inputs (not refusals, not dropouts) a released sum may hold
 
     def __post_init__(self) -> None:
         if not 1 <= self.field_bits <= MAX_FIELD_BITS:
@@ -86,6 +88,9 @@ class SecAggParams:
             raise FedtuneError(f"secure aggregation: neighbour degree must be positive, not {self.degree}")
         if self.threshold is not None:
             self._check_threshold(self.threshold, self.degree)
+        if self.min_inputs < 2:
+            raise FedtuneError(f"secure aggregation: min_inputs must be at least 2, not {self.min_inputs}: a sum "
+                               "of one input is that input")
         if not 0 <= self.round <= MAX_CLIENT_ID:
             raise FedtuneError(f"secure aggregation: round must be a non-negative 64-bit integer, not {self.round}")
 
@@ -153,14 +158,15 @@ class SecAggSetup:
     def to_message(self) -> dict[str, Any]:
         p = self.params
         return {"round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
-                "threshold": self.threshold, "client_ids": list(self.client_ids), "graph_seed": self.graph_seed}
+                "threshold": self.threshold, "min_inputs": p.min_inputs, "client_ids": list(self.client_ids),
+                "graph_seed": self.graph_seed}
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> SecAggSetup:
         try:
             params = SecAggParams(field_bits=int(msg["field_bits"]), length=int(msg["length"]),
                                   degree=int(msg["degree"]), threshold=int(msg["threshold"]),
-                                  round=int(msg["round"]))
+                                  round=int(msg["round"]), min_inputs=int(msg["min_inputs"]))
             return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]))
         except (KeyError, TypeError, ValueError) as e:
             raise SecAggError(f"secure aggregation: malformed setup message ({e!r})") from None

@@ -13,6 +13,8 @@ and one that breaks the protocol rejects its sender; both are recorded in ``reje
 with a message naming the client, and the round goes on while the thresholds hold:
 
 * every stage keeps at least max(t, 2) clients;
+* the masked inputs include at least min_inputs real ones (a refusing client says it
+  masked no update), checked before any share is asked for;
 * every client that shares keeps at least t neighbours (they hold its shares);
 * every surviving client's self-mask seed, and the mask key of every dropped client
   whose pairwise masks are in a survivor's input, get t valid shares.
@@ -54,6 +56,7 @@ class SecAggResult:
     clients: tuple[int, ...]
     dropped: dict[int, Stage] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    real: tuple[int, ...] = ()  # the clients whose input is a real (trained) update
 
 
 class SecAggServer:
@@ -71,6 +74,7 @@ class SecAggServer:
         self._commitments: dict[int, dict[int, bytes]] = {}
         self._forwarded: dict[int, set[int]] = {}  # holder -> owners whose shares it got (= masked with)
         self._masked: dict[int, np.ndarray] = {}
+        self._real: set[int] = set()  # clients whose masked input says it is a real (trained) update
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
 
     @property
@@ -221,12 +225,21 @@ class SecAggServer:
         for cid, msg in self._replies(replies).items():
             try:
                 self._masked[cid] = _field_vector(msg.get("masked"), m, length, cid)
+                if msg.get("real") not in (0, 1):
+                    raise SecAggError(f"client {cid} did not say whether its input is real (0 or 1)")
             except FedtuneError as e:
+                self._masked.pop(cid, None)
                 self._reject(cid, str(e))
                 continue
+            if msg["real"]:
+                self._real.add(cid)
             valid.add(cid)
         self._keep(valid)
         survivors = self.active
+        real = len(self._real & survivors)
+        if real < self.setup.params.min_inputs:  # before any share is asked for: nothing can be unmasked
+            raise self._abort(f"only {real} real inputs (refusals and dropouts count out) among the "
+                              f"{len(survivors)} masked ones, min_inputs={self.setup.params.min_inputs} needed")
         lost = set(self._forwarded) - survivors  # shared, then sent no (valid) input
         for cid in sorted(survivors):
             self._need_holders(cid, "self-mask seed")
@@ -299,7 +312,8 @@ class SecAggServer:
         total &= field_mask(self.setup)
         self._masked.clear()
         self.stage = Stage.DONE
-        return SecAggResult(total, tuple(sorted(survivors)), dict(self.dropped), dict(self.rejected))
+        return SecAggResult(total, tuple(sorted(survivors)), dict(self.dropped), dict(self.rejected),
+                            tuple(sorted(self._real & survivors)))
 
     def _check_unmask(self, cid: int, msg: Mapping) -> list[tuple[tuple[int, bytes], tuple[int, bytes]]]:
         """[((owner, kind), (index, share))] from one reply, every share matching its commitment."""
