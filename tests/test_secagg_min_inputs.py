@@ -113,3 +113,37 @@ def test_config_refuses_a_floor_below_two_or_above_the_clients_per_round(value, 
 
     with pytest.raises(FedtuneError, match=f"secagg.min_inputs {why}"):
         tiny_config(federation={"clients": 4}, secagg={"enabled": True, "min_inputs": value})
+
+
+# ---- distributed DP: a refusing client still adds its noise --------------------------------------
+def test_a_ddg_round_with_one_refusal_completes_with_its_noise_in_the_sum(tmp_path, task_identity, initial):
+    """With client_dp.min_clients = all, a refusal used to drop its noise and abort the round.
+    Now the refuser masks zero plus its own noise: the sum with it minus the sum without it is
+    exactly that noise, and the spend counts 4 clients' noise."""
+    from fedtune.client import reproducible_seed, setup
+    from tests.test_distributed_dp import _ddg_cfg, _ddg_round
+
+    refuser = NODES[3]
+    cfg = _ddg_cfg(tmp_path, "ddg", min_clients=4)
+    grid = Grid(cfg)
+    _refusing(grid, cfg, [refuser])
+    sec, ledger, dplan = _ddg_round(cfg, tmp_path / "ddg", grid, initial)
+    assert not sec.aborted and sec.included == NODES and sec.real == NODES[:3]
+    (spend,) = ledger.spends()
+    assert spend["clients_in_sum"] == 4 and spend["noise_multiplier"] == pytest.approx(dplan.noise_multiplier(4))
+
+    # The same round without the refuser (the others resend the same seeded encodings; this
+    # server skips the min_clients check, to see what the refuser added).
+    encoding = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=4, ddg=dplan)
+    sec3 = secure_train(Grid(cfg), NODES[:3], 1, ArrayRecord(initial), encoding, degree=cfg.secagg.degree,
+                        threshold=0, timeout=60)
+    assert not sec3.aborted and sec3.included == NODES[:3]
+    enc = encoding.coder()
+    seed = reproducible_seed(setup(grid.contexts[refuser]), 1, "encoding")
+    noise = enc.encode(np.zeros(dplan.dim), 0.0, seed=seed)
+    expected = enc.decode(noise, 1)[0] / dplan.denominator
+    assert np.abs(expected).max() > 0  # the refuser's noise is not nothing
+    got = np.concatenate([(sec.arrays[k].numpy().astype(np.float64) - sec3.arrays[k].numpy()).reshape(-1)
+                          for k in initial])
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+

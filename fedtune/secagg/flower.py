@@ -324,8 +324,8 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
         keys = list(global_arrays.keys())
         encoding = Encoding.from_json(context.state.config_records[ENCODING]["json"])
         coder = encoding.coder()
-        if update.state is None:  # refused: take part with nothing (weight 0) so the round holds
-            delta, weight = np.zeros(client.setup.params.length - 1), 0.0
+        if update.state is None:  # refused: a zero update (weight 0; under distributed DP plus its noise)
+            delta, weight = np.zeros(sum(int(np.prod(global_arrays[k].shape)) for k in keys)), 0.0
         else:
             delta = flatten(update.state, keys) - flatten({k: global_arrays[k].numpy() for k in keys}, keys)
             weight = update.weight
