@@ -35,7 +35,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune.errors import FedtuneError
-from fedtune.secagg import crypto
+from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import MAX_FIELD_BITS, field_dtype
 from fedtune.secagg.graph import neighbour_graph
 
@@ -51,6 +51,7 @@ class Stage(enum.StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     COLLECT = "collect"
+    CONSISTENCY = "consistency"  # malicious-server mode: each survivor signs the survivor set it was told
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
@@ -117,11 +118,14 @@ class SecAggParams:
 
 @dataclass(frozen=True)
 class SecAggSetup:
-    """Everything public about a round: parameters, participants and the graph seed."""
+    """Everything public about a round: parameters, participants and the graph seed. With a
+    ``roster`` (client id -> identity public key, DER) the round is secure against a malicious
+    server: keys, inputs and the survivor set are signed (identity.py) and checked."""
 
     params: SecAggParams
     client_ids: tuple[int, ...]
     graph_seed: bytes = field(default_factory=lambda: os.urandom(32))
+    roster: Mapping[int, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ids = self.client_ids
@@ -136,6 +140,13 @@ class SecAggSetup:
         if len(self.graph_seed) != 32:
             raise FedtuneError("secure aggregation: the graph seed must be 32 bytes")
         object.__setattr__(self, "client_ids", tuple(sorted(int(c) for c in ids)))
+        if self.roster:
+            roster = {int(c): bytes(k) for c, k in self.roster.items()}
+            if set(roster) != set(self.client_ids):
+                raise FedtuneError("secure aggregation: the identity roster must name exactly the round's clients")
+            if not all(identity.check_public(k) for k in roster.values()) or len(set(roster.values())) != len(roster):
+                raise FedtuneError("secure aggregation: the identity roster has a malformed or repeated public key")
+            object.__setattr__(self, "roster", roster)
         self.params.threshold_for(len(ids))
         self.neighbours  # validates the degree
 
@@ -151,13 +162,25 @@ class SecAggSetup:
     def threshold(self) -> int:
         return self.params.threshold_for(self.n)
 
+    @property
+    def quorum(self) -> int:
+        """Signatures on one survivor set a client needs before it reveals shares: more than
+        half of the round's clients (two different sets cannot both get that many honest
+        signers) and at least t."""
+        return max(self.threshold, self.n // 2 + 1)
+
+    @cached_property
+    def digest(self) -> bytes:
+        return identity.setup_digest(self.to_message())
+
     @cached_property
     def neighbours(self) -> dict[int, frozenset[int]]:
         return neighbour_graph(self.client_ids, self.params.degree, self.graph_seed)
 
     def to_message(self) -> dict[str, Any]:
         p = self.params
-        return {"round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
+        extra = {"roster": dict(self.roster)} if self.roster else {}
+        return {**extra, "round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
                 "threshold": self.threshold, "min_inputs": p.min_inputs, "client_ids": list(self.client_ids),
                 "graph_seed": self.graph_seed}
 
@@ -167,8 +190,9 @@ class SecAggSetup:
             params = SecAggParams(field_bits=int(msg["field_bits"]), length=int(msg["length"]),
                                   degree=int(msg["degree"]), threshold=int(msg["threshold"]),
                                   round=int(msg["round"]), min_inputs=int(msg["min_inputs"]))
-            return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]))
-        except (KeyError, TypeError, ValueError) as e:
+            roster = {int(c): bytes(k) for c, k in (msg.get("roster") or {}).items()}
+            return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]), roster)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SecAggError(f"secure aggregation: malformed setup message ({e!r})") from None
 
 
