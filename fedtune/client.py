@@ -248,7 +248,7 @@ def handle_train(msg: Message, context: Context) -> Message:
         try:
             return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True),
                                 check=lambda encoding: _check_encoding(context, encoding),
-                                min_inputs=lambda: _min_inputs(context))
+                                min_inputs=lambda: _min_inputs(context), who=lambda: _name(context))
         except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
             return _error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
     update = _local_round(msg, context, secure=False)
@@ -273,6 +273,16 @@ def _own_config(context: Context) -> config_mod.Config:
     """This client's config: in deployment its own client.toml over the server's run config."""
     node = deployed_node(context.node_config)
     return config_from_context(context) if node is None else local_config(config_from_context(context), node)
+
+
+def _name(context: Context) -> str:
+    """This client's name without loading its data (the identify stage of secure aggregation)."""
+    from fedtune.data import client_name
+
+    node = deployed_node(context.node_config)
+    if node is not None:
+        return node.name
+    return client_name(config_from_context(context), int(context.node_config.get("partition-id", 0)))
 
 
 def _min_inputs(context: Context) -> int:

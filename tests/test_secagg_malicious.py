@@ -24,9 +24,7 @@ class Round:
         self.keys = keys
         self.roster = {c: identity.public_bytes(k) for c, k in keys.items()} if roster else {}
         params = SecAggParams(field_bits=20, length=16, min_inputs=min_inputs)  # t = 2 of 3 neighbours
-        self.server = SecAggServer(params, ids)
-        if roster:  # the server's setup, with the roster its key folder gives
-            self.server.setup = type(self.server.setup)(params, tuple(ids), self.server.setup.graph_seed, self.roster)
+        self.server = SecAggServer(params, ids, roster=self.roster)
         setup = self.server.advertise_request()
         self.clients = {c: SecAggClient(c, setup, keys[c] if roster else None) for c in ids}
         rng = np.random.default_rng(0)

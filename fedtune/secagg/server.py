@@ -28,6 +28,7 @@ sent in the share stage, so a client that reveals a wrong share is named and ign
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -61,9 +62,10 @@ class SecAggResult:
 
 
 class SecAggServer:
-    def __init__(self, params: SecAggParams, client_ids: Iterable[int], graph_seed: bytes | None = None):
-        ids = tuple(client_ids)
-        self.setup = SecAggSetup(params, ids) if graph_seed is None else SecAggSetup(params, ids, graph_seed)
+    def __init__(self, params: SecAggParams, client_ids: Iterable[int], graph_seed: bytes | None = None,
+                 roster: Mapping[int, bytes] | None = None):
+        ids, seed = tuple(client_ids), graph_seed if graph_seed is not None else os.urandom(32)
+        self.setup = SecAggSetup(params, ids, seed, dict(roster or {}))
         self.stage = Stage.ADVERTISE
         self.active: set[int] = set(self.setup.client_ids)  # clients still in the round
         self.dropped: dict[int, Stage] = {}
