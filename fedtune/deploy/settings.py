@@ -129,7 +129,8 @@ def load_client(path: str | Path) -> ClientSettings:
 def node_config(s: ClientSettings) -> dict[str, Any]:
     """What the SuperNode passes to every ClientApp process (Flower's node config)."""
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
-            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "min-inputs": s.min_inputs}
+            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "min-inputs": s.min_inputs,
+            "identity-key": s.key}  # signs its secure-aggregation messages (fedtune.secagg.roster)
 
 
 def node_config_arg(s: ClientSettings) -> str:

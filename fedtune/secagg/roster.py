@@ -40,7 +40,7 @@ def load_private(path: str | Path) -> identity.SigningKey:
 def node_identity(context: Context) -> identity.SigningKey:
     """This node's signing key: its authentication key in deployment, else one for the run."""
     path = context.node_config.get("identity-key")
-    if path:
+    if path and Path(str(path)).expanduser().is_file():  # absent: an --insecure test deployment
         return load_private(str(path))
     record = context.state.config_records.get(STATE)
     if record is not None:
