@@ -276,13 +276,9 @@ def _own_config(context: Context) -> config_mod.Config:
 
 
 def _name(context: Context) -> str:
-    """This client's name without loading its data (the identify stage of secure aggregation)."""
-    from fedtune.data import client_name
-
+    """This client's name, without importing torch (secure aggregation is federated: fedtune.data.client_name)."""
     node = deployed_node(context.node_config)
-    if node is not None:
-        return node.name
-    return client_name(config_from_context(context), int(context.node_config.get("partition-id", 0)))
+    return node.name if node is not None else f"client-{int(context.node_config.get('partition-id', 0))}"
 
 
 def _min_inputs(context: Context) -> int:
