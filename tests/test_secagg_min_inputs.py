@@ -147,3 +147,34 @@ def test_a_ddg_round_with_one_refusal_completes_with_its_noise_in_the_sum(tmp_pa
                           for k in initial])
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
+
+
+def test_nodes_beyond_what_the_field_holds_are_turned_away_before_the_round(tmp_path, task_identity, initial):
+    cfg = _cfg(tmp_path)
+    grid = Grid(cfg)
+    enc = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=3)  # a field for 3 sums
+    sec = secure_train(grid, NODES, 1, ArrayRecord(initial), enc, degree=cfg.secagg.degree, threshold=0, timeout=60)
+    assert not sec.aborted and sec.included == NODES[:3] and "turned away" in sec.lost[NODES[3]]
+    assert {stage for stage, node, _ in grid.seen if node == NODES[3]} == {"identify"}  # never got the setup
+
+
+def test_a_client_refuses_a_setup_without_a_roster_or_with_more_clients_than_the_field_holds(tmp_path, task_identity):
+    from flwr.app import Message, MessageType
+
+    from fedtune.client import handle_train
+    from fedtune.secagg import SecAggParams, SecAggServer, identity
+    from fedtune.secagg.flower import ENCODING, STAGE, to_record
+    from fedtune.secagg.roster import node_identity
+
+    cfg = _cfg(tmp_path)
+    ctx = Grid(cfg).contexts[NODES[0]]
+    enc = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=3)
+    roster = {n: identity.public_bytes(identity.generate()) for n in NODES}
+    roster[NODES[0]] = identity.public_bytes(node_identity(ctx))
+    params = SecAggParams(field_bits=enc.coder().field_bits, length=8, min_inputs=3)
+    for server, why in ((SecAggServer(params, NODES), "has no identity roster"),  # the honest-but-curious mode
+                        (SecAggServer(params, NODES, roster=roster), "does not fit its field")):  # 4 clients > 3
+        setup = to_record(server.advertise_request(), **{STAGE: "advertise", "server-round": 1, ENCODING: enc.to_json()})
+        reply = handle_train(Message(RecordDict({"config": setup}), dst_node_id=NODES[0],
+                                     message_type=MessageType.TRAIN), ctx)
+        assert reply.has_error() and why in reply.error.reason, reply.error.reason

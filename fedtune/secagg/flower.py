@@ -218,6 +218,15 @@ def _identify(stages: _Stages, nodes: list[int], admit: Callable[[int, str, byte
     return roster
 
 
+def _turn_away(roster: dict[int, bytes], cap: int, out: SecureRound) -> None:
+    """The field holds sums of at most ``cap`` inputs: nodes beyond it (by id) are turned away
+    before the round, so extra connected nodes cannot wrap the sum."""
+    for node in sorted(roster)[cap:]:
+        del roster[node]
+        out.lost[node] = f"turned away: the field holds sums of at most {cap} clients"
+        log(WARNING, "secure aggregation: node %d %s", node, out.lost[node])
+
+
 def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
                  degree: int, threshold: int, timeout: float,
                  before_unmask: Callable[[list[int]], str] | None = None, min_inputs: int = 3,
@@ -239,6 +248,7 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
     stages = _Stages(grid, timeout, server_round, out)
     try:
         roster = _identify(stages, nodes, admit or (lambda node, name, public: ""))
+        _turn_away(roster, encoding.ddg.max_clients if encoding.ddg is not None else encoding.n_max, out)
         server = SecAggServer(params, sorted(roster), roster=roster)
         result = _protocol(server, stages, arrays, encoding, before_unmask)
     except SecAggAborted as e:
@@ -367,6 +377,9 @@ def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: 
     body = from_record(config)
     client = SecAggClient(context.node_id, {k: body.get(k) for k in (
         "round", "field_bits", "length", "degree", "threshold", "min_inputs", "client_ids", "graph_seed", "roster")}, key)
+    if not client.setup.roster:
+        raise SecAggError("secure aggregation: stage 'advertise': the server's setup has no identity roster (the "
+                          "checks against a lying server would be off); refusing the round")
     if min_inputs is not None and client.setup.params.min_inputs < min_inputs():
         raise SecAggError(f"secure aggregation: the server asks for sums of at least "
                           f"{client.setup.params.min_inputs} real inputs, this client's secagg.min_inputs is "
@@ -374,6 +387,11 @@ def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: 
     encoding = Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now
     if check is not None:
         check(encoding)
+    cap = encoding.ddg.max_clients if encoding.ddg is not None else encoding.n_max
+    if client.setup.n > cap or client.setup.params.field_bits != encoding.coder().field_bits:
+        raise SecAggError(f"secure aggregation: stage 'advertise': the server's round of {client.setup.n} clients "
+                          f"does not fit its field (sums of at most {cap}, {encoding.coder().field_bits} bits); "
+                          "refusing the round")
     reply = client.advertise_keys()
     _save(context, client)
     context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
