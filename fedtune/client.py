@@ -244,7 +244,7 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    if STAGE in msg.content["config"]:  # secure aggregation: one of its four stages
+    if STAGE in msg.content["config"]:  # secure aggregation: one of its stages
         try:
             return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True),
                                 check=lambda encoding: _check_encoding(context, encoding),
