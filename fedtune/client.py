@@ -244,10 +244,11 @@ def _generators(s: ClientSetup, server_round: int) -> tuple[torch.Generator, tor
 
 
 def handle_train(msg: Message, context: Context) -> Message:
-    if STAGE in msg.content["config"]:  # secure aggregation: one of its four stages
+    if STAGE in msg.content["config"]:  # secure aggregation: one of its stages
         try:
             return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True),
-                                check=lambda encoding: _check_encoding(context, encoding))
+                                check=lambda encoding: _check_encoding(context, encoding),
+                                min_inputs=lambda: _min_inputs(context), who=lambda: _name(context))
         except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
             return _error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
     update = _local_round(msg, context, secure=False)
@@ -268,6 +269,25 @@ def handle_train(msg: Message, context: Context) -> Message:
 _DDG: dict[tuple, object] = {}
 
 
+def _own_config(context: Context) -> config_mod.Config:
+    """This client's config: in deployment its own client.toml over the server's run config."""
+    node = deployed_node(context.node_config)
+    return config_from_context(context) if node is None else local_config(config_from_context(context), node)
+
+
+def _name(context: Context) -> str:
+    """This client's name, without importing torch (secure aggregation is federated: fedtune.data.client_name)."""
+    node = deployed_node(context.node_config)
+    return node.name if node is not None else f"client-{int(context.node_config.get('partition-id', 0))}"
+
+
+def _min_inputs(context: Context) -> int:
+    """This client's floor on real inputs per secure sum: client.toml's in deployment (the
+    server cannot lower it); the run config's in simulation, which trusts its own setup."""
+    node = deployed_node(context.node_config)
+    return node.min_inputs if node is not None else config_from_context(context).secagg.min_inputs
+
+
 def _check_encoding(context: Context, encoding) -> None:
     """Distributed DP: this client adds the noise its own config calls for; a server asking
     for other parameters (less noise, another clip) gets a refusal.
@@ -277,7 +297,7 @@ def _check_encoding(context: Context, encoding) -> None:
     from fedtune.privacy.distributed import plan_for
 
     node = deployed_node(context.node_config)
-    cfg = config_from_context(context) if node is None else local_config(config_from_context(context), node)
+    cfg = _own_config(context)
     if not cfg.client_dp.enabled:
         return
     who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"

@@ -107,6 +107,7 @@ class SecAggSection:
     max_weight: float = 1000.0  # public bound on one client's examples (its weight)
     degree: int = 8  # neighbours per client (the full graph when there are fewer clients)
     threshold: int = 0  # shares needed to rebuild a secret; 0 = a majority of the neighbours
+    min_inputs: int = 3  # fewest real inputs (not refusals, not dropouts) in a released sum
 
 
 @dataclass(frozen=True)
@@ -430,6 +431,8 @@ def validate(cfg: Config) -> None:
         _check(g.degree >= 2 and g.degree % 2 == 0, f"secagg.degree must be even and >= 2 (got {g.degree}): each "
                "client gets degree/2 neighbours on either side of a ring")
         _check(g.threshold >= 0, f"secagg.threshold must be >= 0 (got {g.threshold}); 0 = a majority of the neighbours")
+        _check(2 <= g.min_inputs <= cfg.clients_per_round, f"secagg.min_inputs must be in 2..{cfg.clients_per_round} "
+               f"(the clients per round; got {g.min_inputs}): a sum of one input is that input")
     a = cfg.audit
     _check(a.canaries >= 0 and a.secrets >= 0, "audit.canaries and audit.secrets must be >= 0")
     _check(a.canaries == 0 or a.canaries >= 10, f"audit.canaries must be 0 or at least 10 (got {a.canaries})")

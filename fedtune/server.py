@@ -147,17 +147,18 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
                  strategy: AdapterFedAvg, ddg=None, before_unmask=None) -> tuple[ArrayRecord | None, list[Outcome], dict]:
     """A training round under SecAgg+ with the clients the strategy sampled."""
     from fedtune.secagg.flower import Encoding, secure_train
+    from fedtune.secagg.roster import registered_check
 
     nodes = sorted(m.metadata.dst_node_id for m in messages)
     g = cfg.secagg
     sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes), ddg=ddg),
-                       g.degree, g.threshold, timeout, before_unmask)
+                       g.degree, g.threshold, timeout, before_unmask, min_inputs=g.min_inputs, admit=registered_check())
     outcomes = []
     for node in nodes:
         reply = sec.replies.get(node)
         metrics = dict(reply.content["metrics"]) if reply is not None and "metrics" in reply.content.metric_records else {}
         info = dict(reply.content["client"]) if reply is not None and "client" in reply.content.config_records else {}
-        name = str(info.get("name", strategy.names.get(node, f"node-{node}")))
+        name = sec.names.get(node) or str(info.get("name", strategy.names.get(node, f"node-{node}")))  # bound to its key
         strategy.names[node] = name
         if metrics.get("refused"):
             outcome = Outcome(node, name, "refused", metrics, str(info.get("reason", "refused")))
@@ -265,6 +266,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
             new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
             outcomes = list(strategy.outcomes)
         train_seconds = time.perf_counter() - t0
+        if server_ledger is not None and secure_info.get("secagg-aborted"):  # nothing released this round
+            server_ledger.append({"type": "abort", "round": round_, "reason": secure_info["secagg-aborted"], "time": now()})
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})

@@ -111,6 +111,8 @@ def server_command(path: str, insecure: bool) -> tuple[list[str], dict, Control 
     check_port(s.host, s.port, "the SuperLink")
     state.mkdir(parents=True, exist_ok=True)
     env = flower_env(state / "flwr-home")
+    if keys:  # the ServerApp admits to a secure round only a name's registered key (fedtune.secagg.roster)
+        env["FEDTUNE_CLIENT_KEYS"] = str(Path(s.keys).resolve())
     cmd = [tool("flower-superlink", env), "--host", s.host, "--port", str(s.port),
            "--database", str(state / "superlink.db"), "--isolation", "subprocess",
            "--disable-runtime-dependency-installation"]

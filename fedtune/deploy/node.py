@@ -41,6 +41,7 @@ class LocalNode:
     state_dir: str
     model_cache: str
     allow_seeded: bool
+    min_inputs: int = 3  # secure aggregation: the fewest real inputs a sum of this client's may hold
 
     def run_dir(self, cfg: config_mod.Config) -> Path:
         """This client's folder for the run: its ledger (runs/<run>/clients/<name>/ledger.jsonl)."""
@@ -57,7 +58,8 @@ def from_node_config(node_config: Mapping[str, Any]) -> LocalNode | None:
     try:
         node = LocalNode(str(node_config["fedtune-client"]), str(node_config["data-file"]),
                          float(node_config["budget"]), str(node_config["state-dir"]),
-                         str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)))
+                         str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)),
+                         int(node_config.get("min-inputs", 3)))
     except (KeyError, ValueError) as exc:
         raise FedtuneError(f"the SuperNode's node config lacks {exc}; start it with `fedtune client start`") from None
     if not node.budget > 0:

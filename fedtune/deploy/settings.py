@@ -85,6 +85,7 @@ class ClientSettings:
     model_cache: str = ""  # base models; default $FEDTUNE_CACHE or ~/.cache/fedtune
     port: int = 9094  # local port where this SuperNode serves its ClientApp processes
     allow_seeded: bool = False  # tests only: accept runs whose DP noise is seeded (no guarantee)
+    min_inputs: int = 3  # under secure aggregation: refuse rounds whose sum may hold fewer real inputs
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -116,6 +117,9 @@ def load_client(path: str | Path) -> ClientSettings:
     if not (s.budget > 0 and math.isfinite(s.budget)):
         raise FedtuneError(f"{p}: client.budget must be a finite ε > 0 (got {s.budget})")
     _port(s.port, f"{p}: client.port")
+    if not (isinstance(s.min_inputs, int) and s.min_inputs >= 2):
+        raise FedtuneError(f"{p}: client.min_inputs must be an integer >= 2 (got {s.min_inputs!r}): a sum of one "
+                           "input is that input")
     host, sep, port = s.superlink.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise FedtuneError(f"{p}: client.superlink must be host:port (got {s.superlink!r})")
@@ -125,7 +129,8 @@ def load_client(path: str | Path) -> ClientSettings:
 def node_config(s: ClientSettings) -> dict[str, Any]:
     """What the SuperNode passes to every ClientApp process (Flower's node config)."""
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
-            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded}
+            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "min-inputs": s.min_inputs,
+            "identity-key": s.key}  # signs its secure-aggregation messages (fedtune.secagg.roster)
 
 
 def node_config_arg(s: ClientSettings) -> str:

@@ -4,15 +4,24 @@
     reply = client.advertise_keys()                # {"pk_enc": bytes, "pk_mask": bytes}
     reply = client.share_keys(msg)                 # msg {"pk_enc": {j: bytes}, "pk_mask": {j: bytes}}
                                                    # -> {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-    reply = client.collect(msg, vector)            # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-                                                   # -> {"masked": bytes (m bits per value)}
-    reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j]}
+    reply = client.collect(msg, vector, real)      # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
+                                                   # -> {"masked": bytes (m bits per value), "real": 0 | 1}
+    reply = client.consistency(msg)                # malicious-server mode only (a roster in the setup):
+                                                   # msg {"survivors": [j], "real": [j], "declarations": {j: sig}}
+                                                   # -> {"sig": the survivor set, signed}
+    reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j], "signatures": {j: sig}}
                                                    # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
 
 Key pairs and the self-mask seed are fresh per object, so revealing a dropped client's
 mask key exposes nothing beyond this round. The client refuses keys from non-neighbours,
 repeated public keys, ciphertexts or shares that fail their checks (naming the sender),
 and ever revealing both shares of one neighbour. Any error leaves it aborted.
+
+With a roster (malicious-server mode) the client also signs, with its identity key, the keys
+it advertises, whether its input is real and the survivor set it is told; it refuses keys
+its neighbours did not sign, a survivor set with fewer than min_inputs signed real inputs,
+and reveals shares only after a quorum of survivors signed the very set it was told and the
+server's request matches that set. Every refusal names the stage and the party.
 """
 
 from __future__ import annotations
@@ -25,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
-from fedtune.secagg import crypto
+from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import field_dtype, pack
 from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, SecAggAborted, SecAggError, SecAggSetup, Stage,
-    as_message, field_mask, id_list, pair_mask, paired_maps, self_mask, sign,
+    as_message, field_mask, id_list, id_map, pair_mask, paired_maps, self_mask, sign,
 )
 
 
@@ -43,11 +52,15 @@ class HeldShare:
 
 
 class SecAggClient:
-    def __init__(self, client_id: int, setup: SecAggSetup | dict[str, Any]):
+    def __init__(self, client_id: int, setup: SecAggSetup | dict[str, Any],
+                 identity_key: identity.SigningKey | None = None):
         self.setup = setup if isinstance(setup, SecAggSetup) else SecAggSetup.from_message(setup)
         self.id = int(client_id)
         if self.id not in self.setup.neighbours:
             raise SecAggError(f"client {self.id}: not among the round's clients")
+        self._identity = identity_key
+        self._check_identity()
+        self._survivors: list[int] = []  # the survivor set this client signed (malicious-server mode)
         self.stage = Stage.ADVERTISE
         self._enc = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
@@ -55,6 +68,19 @@ class SecAggClient:
         self._enc_keys: dict[int, bytes] = {}  # AEAD key shared with each neighbour that got our keys
         self._pk_mask: dict[int, bytes] = {}
         self._held: dict[int, HeldShare] = {}  # owner -> shares it sent us
+
+    def _check_identity(self) -> None:
+        roster = self.setup.roster
+        if roster and (self._identity is None or identity.public_bytes(self._identity) != roster[self.id]):
+            raise SecAggError(f"client {self.id}: stage 'advertise': the server's roster does not hold this client's "
+                              "identity key; refusing the round")
+
+    def _sign(self, label: bytes, *fields: bytes | int | list[int]) -> bytes:
+        assert self._identity is not None
+        return identity.sign(self._identity, label, self.setup.digest, *fields)
+
+    def _signed_by(self, peer: int, signature: Any, label: bytes, *fields: bytes | int | list[int]) -> bool:
+        return identity.verify(self.setup.roster[peer], signature, label, self.setup.digest, *fields)
 
     @property
     def neighbours(self) -> frozenset[int]:
@@ -74,7 +100,10 @@ class SecAggClient:
     def advertise_keys(self) -> dict[str, bytes]:
         self._enter(Stage.ADVERTISE)
         self.stage = Stage.SHARE
-        return {"pk_enc": self._enc.public, "pk_mask": self._mask.public}
+        reply = {"pk_enc": self._enc.public, "pk_mask": self._mask.public}
+        if self.setup.roster:
+            reply["sig"] = self._sign(identity.ADVERTISE, self.id, self._enc.public, self._mask.public)
+        return reply
 
     # -- share ------------------------------------------------------------------------
     def share_keys(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
@@ -97,6 +126,12 @@ class SecAggClient:
             raise SecAggError(f"client {me}: the neighbours' public keys are not all distinct")
         if len(pk_enc) < t:
             raise SecAggAborted(f"client {me}: only {len(pk_enc)} neighbours advertised keys, {t} needed")
+        if self.setup.roster:
+            sigs = id_map(msg.get("sigs"), "sigs", me)
+            for j in sorted(pk_enc):
+                if not self._signed_by(j, sigs.get(j), identity.ADVERTISE, j, pk_enc[j], pk_mask[j]):
+                    raise SecAggError(f"client {me}: stage 'share': the keys the server gave for client {j} are not "
+                                      "signed by its identity key; refusing the round")
 
         holders = sorted(pk_enc)
         b_shares = crypto.share_secret(self._b, t, len(holders))
@@ -119,10 +154,10 @@ class SecAggClient:
         return {"ciphertexts": ciphertexts, "commitments": commitments}
 
     # -- collect ----------------------------------------------------------------------
-    def collect(self, msg: dict[str, Any], vector: np.ndarray) -> dict[str, bytes]:
-        """receive_shares(msg), then masked_input(vector)."""
+    def collect(self, msg: dict[str, Any], vector: np.ndarray, real: bool = True) -> dict[str, Any]:
+        """receive_shares(msg), then masked_input(vector, real)."""
         self.receive_shares(msg)
-        return self.masked_input(vector)
+        return self.masked_input(vector, real)
 
     def receive_shares(self, msg: dict[str, Any]) -> None:
         self._enter(Stage.COLLECT)
@@ -159,8 +194,13 @@ class SecAggClient:
             raise SecAggAborted(f"client {me}: only {len(held)} neighbours sent shares, {t} needed")
         self._held = held
 
-    def masked_input(self, vector: np.ndarray) -> dict[str, bytes]:
-        """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares."""
+    def masked_input(self, vector: np.ndarray, real: bool = True) -> dict[str, Any]:
+        """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares.
+
+        ``real`` is False for a client that refused to train: it masks a zero update (or, under
+        distributed DP, only its noise) and says so, so the server can count the real inputs
+        against min_inputs before it unmasks anything. A refusal is public anyway (the
+        server logs and records it); what the others trained stays inside the sum."""
         self._enter(Stage.COLLECT)
         if not self._held:
             raise SecAggError(f"client {self.id}: masked_input before receive_shares")
@@ -180,8 +220,52 @@ class SecAggClient:
             else:
                 y -= mask
         y &= field_mask(self.setup)
+        reply: dict[str, Any] = {"masked": pack(y, m), "real": int(bool(real))}
+        if self.setup.roster:
+            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)))
+        self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
+        return reply
+
+    # -- consistency (malicious-server mode) --------------------------------------------
+    def consistency(self, msg: dict[str, Any]) -> dict[str, bytes]:
+        """Sign the survivor set the server names, once it shows each survivor's signed
+        declaration and at least min_inputs of them are real inputs."""
+        self._enter(Stage.CONSISTENCY)
+        me, p = self.id, self.setup.params
+        msg = as_message(msg, me)
+        survivors = sorted(set(id_list(msg.get("survivors", []), "survivors", me)))
+        real = set(id_list(msg.get("real", []), "real", me))
+        decl = id_map(msg.get("declarations", {}), "declarations", me)
+        if me not in survivors or not set(survivors) <= set(self.setup.client_ids) or not real <= set(survivors):
+            raise self._fail(SecAggError(f"client {me}: stage 'consistency': the server's survivor set is not one "
+                                         "of this round's (it omits this client or names strangers); refusing"))
+        for j in survivors:
+            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real)):
+                raise self._fail(SecAggError(f"client {me}: stage 'consistency': client {j}'s declaration of its "
+                                             "input is missing or not signed by its identity key; refusing"))
+        if len(real) < p.min_inputs:
+            raise self._fail(SecAggAborted(f"client {me}: stage 'consistency': only {len(real)} real inputs in the "
+                                           f"sum, min_inputs={p.min_inputs}; revealing nothing"))
+        self._survivors = survivors
         self.stage = Stage.UNMASK
-        return {"masked": pack(y, m)}
+        return {"sig": self._sign(identity.SURVIVORS, survivors)}
+
+    def _check_quorum(self, msg: Any, survivors: list[int], dropped: list[int]) -> None:
+        """Malicious-server mode: a quorum signed the set this client signed, and the request
+        names exactly its share-holding neighbours inside / outside that set."""
+        me, signed = self.id, self._survivors
+        sigs = id_map(msg.get("signatures", {}), "signatures", me)
+        valid = [j for j in signed if self._signed_by(j, sigs.get(j), identity.SURVIVORS, signed)]
+        if len(valid) < self.setup.quorum:
+            bad = sorted(set(sigs) - set(valid))
+            raise self._fail(SecAggError(
+                f"client {me}: stage 'unmask': only {len(valid)} survivors signed the survivor set this client was "
+                f"told, {self.setup.quorum} needed (server or clients {bad[:5]} disagree); revealing nothing"))
+        inside = sorted(j for j in self._held if j in signed)
+        outside = sorted(j for j in self._held if j not in signed)
+        if sorted(survivors) != inside or sorted(dropped) != outside:
+            raise self._fail(SecAggError(f"client {me}: stage 'unmask': the server asks for shares that disagree "
+                                         "with the signed survivor set; revealing nothing"))
 
     # -- unmask -----------------------------------------------------------------------
     def unmask(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
@@ -198,6 +282,8 @@ class SecAggClient:
         for j in survivors + dropped:
             if j not in self._held:
                 raise self._fail(SecAggError(f"client {me}: asked for shares of client {j}, which it does not hold"))
+        if self.setup.roster:
+            self._check_quorum(msg, survivors, dropped)
         self.stage = Stage.DONE  # one unmask per round: no later request can ask for the other share
         return {"b_shares": {j: self._held[j].b_share for j in survivors},
                 "sk_shares": {j: self._held[j].sk_share for j in dropped}}
@@ -209,7 +295,9 @@ class SecAggClient:
     def to_bytes(self) -> bytes:
         hx = bytes.hex
         state = {
-            "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed)}, "id": self.id,
+            "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed),
+                      "roster": {str(j): hx(k) for j, k in self.setup.roster.items()}},
+            "id": self.id, "survivors": self._survivors,
             "stage": str(self.stage), "enc": hx(self._enc.private_bytes()), "mask": hx(self._mask.private_bytes()),
             "b": hx(self._b), "enc_keys": {str(j): hx(k) for j, k in self._enc_keys.items()},
             "pk_mask": {str(j): hx(k) for j, k in self._pk_mask.items()},
@@ -218,13 +306,16 @@ class SecAggClient:
         return json.dumps(state).encode()
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> SecAggClient:
+    def from_bytes(cls, blob: bytes, identity_key: identity.SigningKey | None = None) -> SecAggClient:
         try:
             s = json.loads(blob)
             un = bytes.fromhex
-            setup = SecAggSetup.from_message({**s["setup"], "graph_seed": un(s["setup"]["graph_seed"])})
+            roster = {int(j): un(k) for j, k in s["setup"]["roster"].items()}
+            setup = SecAggSetup.from_message({**s["setup"], "graph_seed": un(s["setup"]["graph_seed"]), "roster": roster})
             client = cls.__new__(cls)
             client.setup, client.id, client.stage = setup, int(s["id"]), Stage(s["stage"])
+            client._identity, client._survivors = identity_key, [int(j) for j in s["survivors"]]
+            client._check_identity()
             client._enc = crypto.KeyPair.from_private_bytes(un(s["enc"]))
             client._mask = crypto.KeyPair.from_private_bytes(un(s["mask"]))
             client._b = un(s["b"])

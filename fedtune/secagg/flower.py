@@ -3,12 +3,17 @@
 Each protocol stage is one round trip of TRAIN messages through ``Grid.send_and_receive``;
 the message config names it under ``secagg-stage``:
 
-  advertise  setup (parameters, clients, graph seed, encoding) -> two public keys
-  share      the neighbours' public keys -> encrypted shares for each neighbour
-  collect    the global adapter and the shares addressed to this client -> the client
-             trains (spending from its ledger first), encodes [w·Δ, w] in fixed point
-             and sends it masked
-  unmask     which neighbours survived or dropped -> the shares the server needs
+  identify     -> the node's name and identity public key (roster.py; deployment: only
+               a name's registered key is admitted)
+  advertise    setup (parameters, clients, graph seed, roster, encoding) -> two public
+               keys, signed with the identity key
+  share        the neighbours' signed public keys -> encrypted shares for each neighbour
+  collect      the global adapter and the shares addressed to this client -> the client
+               trains (spending from its ledger first), encodes [w·Δ, w] in fixed point
+               and sends it masked, with a signed "real input or refusal"
+  consistency  the survivor set and their signed declarations -> the set, signed
+  unmask       which neighbours survived or dropped, and the survivors' signatures ->
+               the shares the server needs (only if a quorum signed the same set)
 
 The server learns Σ w_i·Δ_i and Σ w_i of the clients whose inputs are in the sum, and
 adds Σ w_i·Δ_i / Σ w_i to the global adapter. It never sees one client's update or its
@@ -28,9 +33,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.common.logger import log
 
 from fedtune.errors import FedtuneError
+from fedtune.secagg import identity
 from fedtune.secagg.client import SecAggClient
 from fedtune.privacy.distributed import DDGPlan
 from fedtune.secagg.encoding import DistributedGaussian, FixedPoint, WeightedFixedPoint
+from fedtune.secagg.roster import node_identity
 from fedtune.secagg.protocol import SecAggAborted, SecAggError, SecAggParams, Stage
 from fedtune.secagg.server import SecAggServer
 
@@ -38,6 +45,7 @@ STAGE = "secagg-stage"
 STATE = "fedtune-secagg"  # the client's round secrets, in its Context.state
 ENCODING = "secagg-encoding"
 MASKED = "masked"
+IDENTIFY = "identify"  # before the protocol: each node names itself and its identity key (roster.py)
 
 
 # ---- protocol messages <-> Flower ConfigRecords ------------------------------------------
@@ -123,12 +131,14 @@ class SecureRound:
     """What one securely aggregated round produced."""
 
     arrays: ArrayRecord | None  # the new global adapter; None when nothing was aggregated
-    included: list[int]  # nodes whose updates are in the sum
+    included: list[int]  # nodes whose masked inputs are in the sum
+    real: list[int] = field(default_factory=list)  # of those, the nodes that trained (not refusals)
     total_weight: float = 0.0  # Σ w_i (examples) of the included clients
     replies: dict[int, Message] = field(default_factory=dict)  # each node's collect reply
     lost: dict[int, str] = field(default_factory=dict)  # node -> why it is not in the sum
     aborted: str = ""  # non-empty: the round could not finish; nothing was aggregated
     upload_bytes: dict[int, int] = field(default_factory=dict)  # per node, all stages
+    names: dict[int, str] = field(default_factory=dict)  # node -> the name its identity key was admitted under
     seconds: dict[str, float] = field(default_factory=dict)  # per stage, server wall time
 
 
@@ -166,78 +176,92 @@ def _bytes_of(msg: Message) -> int:
     return sum(r.count_bytes() for r in c.array_records.values()) + sum(r.count_bytes() for r in c.config_records.values())
 
 
-def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
-                 degree: int, threshold: int, timeout: float,
-                 before_unmask: Callable[[list[int]], str] | None = None) -> SecureRound:
-    """One training round of ``nodes`` under SecAgg+; never raises for a client's fault.
+class _Stages:
+    """Sends one protocol stage to nodes and records drops, upload and time in ``out``."""
 
-    ``before_unmask(included)`` runs once the inputs in the sum are fixed, before anything is
-    unmasked; a non-empty answer aborts the round (distributed DP: too few clients' noise,
-    or over budget; its spend is written there, durably, before the release)."""
-    keys = list(arrays.keys())
-    old = {k: arrays[k].numpy() for k in keys}
-    size = sum(v.size for v in old.values())
-    coder = encoding.coder()
-    params = SecAggParams(field_bits=coder.field_bits, length=coder.length(size), degree=degree,
-                          threshold=threshold or None, round=server_round)
-    out = SecureRound(arrays=None, included=[])
-    try:
-        server = SecAggServer(params, nodes)
-    except FedtuneError as e:
-        out.aborted = str(e)
-        return out
-    lost, upload = out.lost, out.upload_bytes
+    def __init__(self, grid, timeout: float, server_round: int, out: SecureRound):
+        self.grid, self.timeout, self.round, self.out = grid, timeout, server_round, out
 
-    def stage(name: Stage, requests: dict[int, RecordDict]) -> dict[int, Any]:
+    def config(self, name: str, msg: dict[str, Any], **extra: Any) -> ConfigRecord:
+        return to_record(msg, **{STAGE: str(name), "server-round": self.round, **extra})
+
+    def send(self, name: str, requests: dict[int, RecordDict]) -> dict[int, Message]:
         t0 = time.perf_counter()
-        ok, failed = _send(grid, requests, timeout)
-        out.seconds[str(name)] = time.perf_counter() - t0
+        ok, failed = _send(self.grid, requests, self.timeout)
+        self.out.seconds[str(name)] = time.perf_counter() - t0
         for node, reason in failed.items():
-            lost.setdefault(node, f"dropped in stage '{name}': {reason}")
+            self.out.lost.setdefault(node, f"dropped in stage '{name}': {reason}")
             log(WARNING, "secure aggregation: node %d dropped in stage '%s': %s", node, name, reason)
         for node, reply in ok.items():
-            upload[node] = upload.get(node, 0) + _bytes_of(reply)
+            self.out.upload_bytes[node] = self.out.upload_bytes.get(node, 0) + _bytes_of(reply)
         return ok
 
-    def config(name: Stage, msg: dict[str, Any], **extra: Any) -> ConfigRecord:
-        return to_record(msg, **{STAGE: str(name), "server-round": server_round, **extra})
+    def ask(self, name: str, messages: dict[int, dict[str, Any]], **content: Any) -> dict[int, dict[str, Any]]:
+        """One stage of protocol messages; the replies' bodies (a malformed one: a dropout)."""
+        ok = self.send(name, {n: RecordDict({"config": self.config(name, m), **content}) for n, m in messages.items()})
+        return _bodies(ok, self.out.lost)
 
+
+def _identify(stages: _Stages, nodes: list[int], admit: Callable[[int, str, bytes], str]) -> dict[int, bytes]:
+    """The round's roster: node -> identity public key, for the nodes ``admit`` accepts under
+    the name they give (deployment: that name's registered key). Names go to ``out.names``."""
+    roster = {}
+    for node, body in stages.ask(IDENTIFY, {n: {} for n in nodes}).items():
+        name, public = str(body.get("name", "")), body.get("identity")
+        why = "" if isinstance(public, bytes) and identity.check_public(public) else f"node {node} sent no identity key"
+        why = why or admit(node, name, public)
+        if why:
+            stages.out.lost.setdefault(node, why)
+            log(WARNING, "secure aggregation: stage 'identify': %s; not admitted to the round", why)
+            continue
+        roster[node], stages.out.names[node] = public, name
+    return roster
+
+
+def _turn_away(roster: dict[int, bytes], cap: int, out: SecureRound) -> None:
+    """The field holds sums of at most ``cap`` inputs: nodes beyond it (by id) are turned away
+    before the round, so extra connected nodes cannot wrap the sum."""
+    for node in sorted(roster)[cap:]:
+        del roster[node]
+        out.lost[node] = f"turned away: the field holds sums of at most {cap} clients"
+        log(WARNING, "secure aggregation: node %d %s", node, out.lost[node])
+
+
+def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
+                 degree: int, threshold: int, timeout: float,
+                 before_unmask: Callable[[list[int]], str] | None = None, min_inputs: int = 3,
+                 admit: Callable[[int, str, bytes], str] | None = None) -> SecureRound:
+    """One training round of ``nodes`` under SecAgg+ secure against a malicious server;
+    never raises for a client's fault.
+
+    ``admit(node, name, public key)`` vets each node's identity (deployment: the name's
+    registered key; roster.registered_check). ``before_unmask(included)`` runs once the
+    inputs in the sum are fixed and signed, before anything is unmasked; a non-empty answer
+    aborts the round (distributed DP: too few clients' noise, or over budget; its spend is
+    written there, durably, before the release)."""
+    keys = list(arrays.keys())
+    old = {k: arrays[k].numpy() for k in keys}
+    coder = encoding.coder()
+    params = SecAggParams(field_bits=coder.field_bits, length=coder.length(sum(v.size for v in old.values())),
+                          degree=degree, threshold=threshold or None, round=server_round, min_inputs=min_inputs)
+    out = SecureRound(arrays=None, included=[])
+    stages = _Stages(grid, timeout, server_round, out)
     try:
-        setup = config(Stage.ADVERTISE, server.advertise_request(), **{ENCODING: encoding.to_json()})
-        ok = stage(Stage.ADVERTISE, {n: RecordDict({"config": setup}) for n in nodes})
-        server.receive_advertise(_bodies(ok, lost))
-
-        ok = stage(Stage.SHARE, {n: RecordDict({"config": config(Stage.SHARE, m)})
-                                 for n, m in server.share_requests().items()})
-        server.receive_share(_bodies(ok, lost))
-
-        ok = stage(Stage.COLLECT, {n: RecordDict({"config": config(Stage.COLLECT, m), "arrays": arrays})
-                                   for n, m in server.collect_requests().items()})
-        out.replies = ok
-        inputs = {}
-        for n, r in ok.items():
-            if MASKED in r.content.array_records and MASKED in r.content[MASKED]:
-                inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes()}
-            else:
-                inputs[n] = {}  # rejected by the server: no masked input
-        server.receive_collect(inputs)
-        reason = before_unmask(sorted(server.active)) if before_unmask is not None else ""
-        if reason:
-            raise SecAggAborted(reason)
-
-        ok = stage(Stage.UNMASK, {n: RecordDict({"config": config(Stage.UNMASK, m)})
-                                  for n, m in server.unmask_requests().items()})
-        result = server.receive_unmask(_bodies(ok, lost))
+        roster = _identify(stages, nodes, admit or (lambda node, name, public: ""))
+        _turn_away(roster, encoding.ddg.max_clients if encoding.ddg is not None else encoding.n_max, out)
+        server = SecAggServer(params, sorted(roster), roster=roster)
+        result = _protocol(server, stages, arrays, encoding, before_unmask)
     except SecAggAborted as e:
         out.aborted = str(e)
         log(WARNING, "%s; round %d aggregates nothing", e, server_round)
         return out
-    except SecAggError as e:  # our own bookkeeping broke: still nothing partial
+    except FedtuneError as e:  # too few nodes admitted, or our own bookkeeping broke: still nothing partial
         out.aborted = f"secure aggregation failed: {e}"
+        log(WARNING, "%s; round %d aggregates nothing", out.aborted, server_round)
         return out
     for node, reason in server.rejected.items():
-        lost.setdefault(node, reason)
-    out.included = list(result.clients)
+        out.lost.setdefault(node, reason)
+    out.included, out.real = list(result.clients), list(result.real)
     t0 = time.perf_counter()
     weighted, total_weight = coder.decode(result.total, len(result.clients))
     out.total_weight = total_weight
@@ -250,9 +274,36 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
             start += n
         out.arrays = ArrayRecord(new)
     out.seconds["decode"] = time.perf_counter() - t0
-    log(INFO, "secure aggregation: %d of %d clients in the sum (total weight %.0f)", len(out.included), len(nodes),
-        total_weight)
+    log(INFO, "secure aggregation: %d of %d clients in the sum, %d of them real inputs (total weight %.0f)",
+        len(out.included), len(nodes), len(out.real), total_weight)
     return out
+
+
+def _protocol(server: SecAggServer, stages: _Stages, arrays: ArrayRecord, encoding: Encoding,
+              before_unmask: Callable[[list[int]], str] | None):
+    """advertise, share, collect, consistency, unmask: the SecAggResult, or SecAggAborted."""
+    setup = {n: server.advertise_request() for n in server.setup.client_ids}
+    ok = stages.send(Stage.ADVERTISE, {n: RecordDict({"config": stages.config(Stage.ADVERTISE, m, **{
+        ENCODING: encoding.to_json()})}) for n, m in setup.items()})
+    server.receive_advertise(_bodies(ok, stages.out.lost))
+    server.receive_share(stages.ask(Stage.SHARE, server.share_requests()))
+    ok = stages.send(Stage.COLLECT, {n: RecordDict({"config": stages.config(Stage.COLLECT, m), "arrays": arrays})
+                                     for n, m in server.collect_requests().items()})
+    stages.out.replies = ok
+    inputs = {}
+    for n, r in ok.items():
+        if MASKED in r.content.array_records and MASKED in r.content[MASKED]:
+            said = from_record(r.content["reply"]) if "reply" in r.content.config_records else {}
+            inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes(), "real": said.get("real"),
+                         "decl": said.get("decl")}
+        else:
+            inputs[n] = {}  # rejected by the server: no masked input
+    server.receive_collect(inputs)
+    server.receive_consistency(stages.ask(Stage.CONSISTENCY, server.consistency_requests()))
+    reason = before_unmask(sorted(server.active)) if before_unmask is not None else ""
+    if reason:
+        raise SecAggAborted(reason)
+    return server.receive_unmask(stages.ask(Stage.UNMASK, server.unmask_requests()))
 
 
 # ---- the client's side ------------------------------------------------------------------
@@ -272,68 +323,106 @@ def _save(context: Context, client: SecAggClient) -> None:
     context.state[STATE] = ConfigRecord({"blob": client.to_bytes()})
 
 
-def _load(context: Context, stage: Stage) -> SecAggClient:
+def _load(context: Context, stage: Stage, key: identity.SigningKey) -> SecAggClient:
     record = context.state.config_records.get(STATE)
     if record is None:
         raise SecAggError(f"secure aggregation: stage '{stage}' arrived but this client holds no round state "
                           "(it missed the advertise stage)")
-    return SecAggClient.from_bytes(record["blob"])
+    return SecAggClient.from_bytes(record["blob"], key)
+
+
+def _reply(msg: Message, body: dict[str, Any]) -> Message:
+    return Message(RecordDict({"reply": to_record(body)}), reply_to=msg)
 
 
 def handle_stage(msg: Message, context: Context, train: Callable[[Message], LocalUpdate | Message],
-                 check: Callable[[Encoding], None] | None = None) -> Message:
+                 check: Callable[[Encoding], None] | None = None,
+                 min_inputs: Callable[[], int] | None = None,
+                 who: Callable[[], str] | None = None) -> Message:
     """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect;
-    ``check`` vets the server's encoding at setup (raising to refuse the round)."""
+    ``check`` vets the server's encoding at setup (raising to refuse the round);
+    ``min_inputs()`` is this client's own floor on real inputs per sum (a setup with a lower
+    one is refused); ``who()`` its name. Its identity key: roster.node_identity."""
     config = msg.content["config"]
+    key = node_identity(context)
+    if str(config.get(STAGE)) == IDENTIFY:
+        return _reply(msg, {"name": who() if who is not None else f"node-{context.node_id}",
+                            "identity": identity.public_bytes(key)})
     try:
         stage = Stage(str(config[STAGE]))
     except ValueError:
         raise SecAggError(f"secure aggregation: unknown stage {config[STAGE]!r}") from None
-    me = context.node_id
     if stage is Stage.ADVERTISE:
-        body = from_record(config)
-        client = SecAggClient(me, {k: body.get(k) for k in ("round", "field_bits", "length", "degree", "threshold",
-                                                            "client_ids", "graph_seed")})
-        encoding = Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now
-        if check is not None:
-            check(encoding)
-        reply = client.advertise_keys()
-        _save(context, client)
-        context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
-        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
-    client = _load(context, stage)
+        return _advertise(msg, context, key, check, min_inputs)
+    client = _load(context, stage, key)
+    if stage is Stage.COLLECT:
+        return _collect(msg, context, client, train)
     if stage is Stage.SHARE:
         reply = client.share_keys(from_record(config))
-        _save(context, client)
-        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
-    if stage is Stage.COLLECT:
-        client.receive_shares(from_record(config))  # a tampered share stops us before we spend
-        update = train(msg)
-        if isinstance(update, Message):  # training failed: an error reply, we drop out
-            return update
-        global_arrays = msg.content["arrays"]
-        keys = list(global_arrays.keys())
-        encoding = Encoding.from_json(context.state.config_records[ENCODING]["json"])
-        coder = encoding.coder()
-        if update.state is None:  # refused: take part with nothing (weight 0) so the round holds
-            delta, weight = np.zeros(client.setup.params.length - 1), 0.0
-        else:
-            delta = flatten(update.state, keys) - flatten({k: global_arrays[k].numpy() for k in keys}, keys)
-            weight = update.weight
-            clipped = int((np.abs(delta) > coder.fixed_point.clip).sum()) if encoding.ddg is None else 0
-            if clipped:
-                log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
-                    "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
-        t0 = time.perf_counter()
-        reply = client.masked_input(coder.encode(delta, weight, seed=update.seed))
-        seconds = time.perf_counter() - t0  # encoding (and noise) plus masking: this client's own cost
-        _save(context, client)
-        packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
-        metrics = {**update.metrics, "upload-bytes": int(packed.size), "secagg-seconds": seconds}
-        return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
-                                   "client": ConfigRecord(update.client)}), reply_to=msg)
-    if stage is Stage.UNMASK:
+    elif stage is Stage.CONSISTENCY:
+        reply = client.consistency(from_record(config))
+    elif stage is Stage.UNMASK:
         reply = client.unmask(from_record(config))
         del context.state[STATE]
-        return Message(RecordDict({"reply": to_record(reply)}), reply_to=msg)
-    raise SecAggError(f"secure aggregation: stage '{stage}' is not one a client answers")
+        return _reply(msg, reply)
+    else:
+        raise SecAggError(f"secure aggregation: stage '{stage}' is not one a client answers")
+    _save(context, client)
+    return _reply(msg, reply)
+
+
+def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: Callable[[Encoding], None] | None,
+               min_inputs: Callable[[], int] | None) -> Message:
+    config = msg.content["config"]
+    body = from_record(config)
+    client = SecAggClient(context.node_id, {k: body.get(k) for k in (
+        "round", "field_bits", "length", "degree", "threshold", "min_inputs", "client_ids", "graph_seed", "roster")}, key)
+    if not client.setup.roster:
+        raise SecAggError("secure aggregation: stage 'advertise': the server's setup has no identity roster (the "
+                          "checks against a lying server would be off); refusing the round")
+    if min_inputs is not None and client.setup.params.min_inputs < min_inputs():
+        raise SecAggError(f"secure aggregation: the server asks for sums of at least "
+                          f"{client.setup.params.min_inputs} real inputs, this client's secagg.min_inputs is "
+                          f"{min_inputs()}; refusing the round")
+    encoding = Encoding.from_json(str(config.get(ENCODING, "")))  # readable, or a SecAggError now
+    if check is not None:
+        check(encoding)
+    cap = encoding.ddg.max_clients if encoding.ddg is not None else encoding.n_max
+    if client.setup.n > cap or client.setup.params.field_bits != encoding.coder().field_bits:
+        raise SecAggError(f"secure aggregation: stage 'advertise': the server's round of {client.setup.n} clients "
+                          f"does not fit its field (sums of at most {cap}, {encoding.coder().field_bits} bits); "
+                          "refusing the round")
+    reply = client.advertise_keys()
+    _save(context, client)
+    context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
+    return _reply(msg, reply)
+
+
+def _collect(msg: Message, context: Context, client: SecAggClient,
+             train: Callable[[Message], LocalUpdate | Message]) -> Message:
+    client.receive_shares(from_record(msg.content["config"]))  # a tampered share stops us before we spend
+    update = train(msg)
+    if isinstance(update, Message):  # training failed: an error reply, we drop out
+        return update
+    global_arrays = msg.content["arrays"]
+    keys = list(global_arrays.keys())
+    encoding = Encoding.from_json(context.state.config_records[ENCODING]["json"])
+    coder = encoding.coder()
+    if update.state is None:  # refused: a zero update (weight 0; under distributed DP plus its noise)
+        delta, weight = np.zeros(sum(int(np.prod(global_arrays[k].shape)) for k in keys)), 0.0
+    else:
+        delta = flatten(update.state, keys) - flatten({k: global_arrays[k].numpy() for k in keys}, keys)
+        weight = update.weight
+        clipped = int((np.abs(delta) > coder.fixed_point.clip).sum()) if encoding.ddg is None else 0
+        if clipped:
+            log(WARNING, "secure aggregation: %d of %d update values exceed secagg.clip=%g and were clipped; "
+                "raise secagg.clip", clipped, delta.size, coder.fixed_point.clip)
+    t0 = time.perf_counter()
+    reply = client.masked_input(coder.encode(delta, weight, seed=update.seed), real=update.state is not None)
+    seconds = time.perf_counter() - t0  # encoding (and noise) plus masking: this client's own cost
+    _save(context, client)
+    packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
+    metrics = {**update.metrics, "upload-bytes": int(packed.size), "secagg-seconds": seconds}
+    return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
+                               "reply": to_record({k: reply[k] for k in ("real", "decl") if k in reply}),
+                               "client": ConfigRecord(update.client)}), reply_to=msg)

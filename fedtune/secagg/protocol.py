@@ -35,7 +35,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune.errors import FedtuneError
-from fedtune.secagg import crypto
+from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import MAX_FIELD_BITS, field_dtype
 from fedtune.secagg.graph import neighbour_graph
 
@@ -51,6 +51,7 @@ class Stage(enum.StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     COLLECT = "collect"
+    CONSISTENCY = "consistency"  # malicious-server mode: each survivor signs the survivor set it was told
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
@@ -69,13 +70,15 @@ class SecAggParams:
     """field_bits: m, vectors are mod 2^m. length: values per vector. degree: neighbours per
     client (k; the full graph when k >= n - 1). threshold: shares needed to rebuild a secret
     (t; default a majority of the neighbours, floor(k/2) + 1). round: binds keys and
-    ciphertexts to this round."""
+    ciphertexts to this round. min_inputs: the fewest real inputs (clients that trained, not
+    refusals or dropouts) a released sum may contain; below it the round aborts."""
 
     field_bits: int
     length: int
     degree: int = 8
     threshold: int | None = None
     round: int = 0
+    min_inputs: int = 2  # fewest real inputs (not refusals, not dropouts) a released sum may hold
 
     def __post_init__(self) -> None:
         if not 1 <= self.field_bits <= MAX_FIELD_BITS:
@@ -86,6 +89,9 @@ class SecAggParams:
             raise FedtuneError(f"secure aggregation: neighbour degree must be positive, not {self.degree}")
         if self.threshold is not None:
             self._check_threshold(self.threshold, self.degree)
+        if self.min_inputs < 2:
+            raise FedtuneError(f"secure aggregation: min_inputs must be at least 2, not {self.min_inputs}: a sum "
+                               "of one input is that input")
         if not 0 <= self.round <= MAX_CLIENT_ID:
             raise FedtuneError(f"secure aggregation: round must be a non-negative 64-bit integer, not {self.round}")
 
@@ -112,11 +118,14 @@ class SecAggParams:
 
 @dataclass(frozen=True)
 class SecAggSetup:
-    """Everything public about a round: parameters, participants and the graph seed."""
+    """Everything public about a round: parameters, participants and the graph seed. With a
+    ``roster`` (client id -> identity public key, DER) the round is secure against a malicious
+    server: keys, inputs and the survivor set are signed (identity.py) and checked."""
 
     params: SecAggParams
     client_ids: tuple[int, ...]
     graph_seed: bytes = field(default_factory=lambda: os.urandom(32))
+    roster: Mapping[int, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         ids = self.client_ids
@@ -131,6 +140,13 @@ class SecAggSetup:
         if len(self.graph_seed) != 32:
             raise FedtuneError("secure aggregation: the graph seed must be 32 bytes")
         object.__setattr__(self, "client_ids", tuple(sorted(int(c) for c in ids)))
+        if self.roster:
+            roster = {int(c): bytes(k) for c, k in self.roster.items()}
+            if set(roster) != set(self.client_ids):
+                raise FedtuneError("secure aggregation: the identity roster must name exactly the round's clients")
+            if not all(identity.check_public(k) for k in roster.values()) or len(set(roster.values())) != len(roster):
+                raise FedtuneError("secure aggregation: the identity roster has a malformed or repeated public key")
+            object.__setattr__(self, "roster", roster)
         self.params.threshold_for(len(ids))
         self.neighbours  # validates the degree
 
@@ -146,23 +162,37 @@ class SecAggSetup:
     def threshold(self) -> int:
         return self.params.threshold_for(self.n)
 
+    @property
+    def quorum(self) -> int:
+        """Signatures on one survivor set a client needs before it reveals shares: more than
+        half of the round's clients (two different sets cannot both get that many honest
+        signers) and at least t."""
+        return max(self.threshold, self.n // 2 + 1)
+
+    @cached_property
+    def digest(self) -> bytes:
+        return identity.setup_digest(self.to_message())
+
     @cached_property
     def neighbours(self) -> dict[int, frozenset[int]]:
         return neighbour_graph(self.client_ids, self.params.degree, self.graph_seed)
 
     def to_message(self) -> dict[str, Any]:
         p = self.params
-        return {"round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
-                "threshold": self.threshold, "client_ids": list(self.client_ids), "graph_seed": self.graph_seed}
+        extra = {"roster": dict(self.roster)} if self.roster else {}
+        return {**extra, "round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
+                "threshold": self.threshold, "min_inputs": p.min_inputs, "client_ids": list(self.client_ids),
+                "graph_seed": self.graph_seed}
 
     @classmethod
     def from_message(cls, msg: dict[str, Any]) -> SecAggSetup:
         try:
             params = SecAggParams(field_bits=int(msg["field_bits"]), length=int(msg["length"]),
                                   degree=int(msg["degree"]), threshold=int(msg["threshold"]),
-                                  round=int(msg["round"]))
-            return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]))
-        except (KeyError, TypeError, ValueError) as e:
+                                  round=int(msg["round"]), min_inputs=int(msg["min_inputs"]))
+            roster = {int(c): bytes(k) for c, k in (msg.get("roster") or {}).items()}
+            return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]), roster)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SecAggError(f"secure aggregation: malformed setup message ({e!r})") from None
 
 

@@ -5,6 +5,7 @@ checks the thresholds of Bell et al. and, at the end, removes the masks.
     broadcast(server.advertise_request());  server.receive_advertise(replies)
     send(server.share_requests());          server.receive_share(replies)
     send(server.collect_requests());        server.receive_collect(replies)
+    send(server.consistency_requests());    server.receive_consistency(replies)   # with a roster only
     send(server.unmask_requests());         result = server.receive_unmask(replies)
 
 ``replies`` is {client id: message} or an iterable of (client id, message) pairs (so
@@ -13,6 +14,8 @@ and one that breaks the protocol rejects its sender; both are recorded in ``reje
 with a message naming the client, and the round goes on while the thresholds hold:
 
 * every stage keeps at least max(t, 2) clients;
+* the masked inputs include at least min_inputs real ones (a refusing client says it
+  masked no update), checked before any share is asked for;
 * every client that shares keeps at least t neighbours (they hold its shares);
 * every surviving client's self-mask seed, and the mask key of every dropped client
   whose pairwise masks are in a survivor's input, get t valid shares.
@@ -25,6 +28,7 @@ sent in the share stage, so a client that reveals a wrong share is named and ign
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.errors import FedtuneError
-from fedtune.secagg import crypto
+from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import field_dtype, unpack
 from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_CIPHERTEXT_BYTES, SecAggAborted, SecAggError, SecAggParams,
@@ -54,12 +58,14 @@ class SecAggResult:
     clients: tuple[int, ...]
     dropped: dict[int, Stage] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
+    real: tuple[int, ...] = ()  # the clients whose input is a real (trained) update
 
 
 class SecAggServer:
-    def __init__(self, params: SecAggParams, client_ids: Iterable[int], graph_seed: bytes | None = None):
-        ids = tuple(client_ids)
-        self.setup = SecAggSetup(params, ids) if graph_seed is None else SecAggSetup(params, ids, graph_seed)
+    def __init__(self, params: SecAggParams, client_ids: Iterable[int], graph_seed: bytes | None = None,
+                 roster: Mapping[int, bytes] | None = None):
+        ids, seed = tuple(client_ids), graph_seed if graph_seed is not None else os.urandom(32)
+        self.setup = SecAggSetup(params, ids, seed, dict(roster or {}))
         self.stage = Stage.ADVERTISE
         self.active: set[int] = set(self.setup.client_ids)  # clients still in the round
         self.dropped: dict[int, Stage] = {}
@@ -71,6 +77,8 @@ class SecAggServer:
         self._commitments: dict[int, dict[int, bytes]] = {}
         self._forwarded: dict[int, set[int]] = {}  # holder -> owners whose shares it got (= masked with)
         self._masked: dict[int, np.ndarray] = {}
+        self._real: set[int] = set()  # clients whose masked input says it is a real (trained) update
+        self._sigs: dict[str, dict[int, bytes]] = {"keys": {}, "decl": {}, "survivors": {}}  # with a roster
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
 
     @property
@@ -148,6 +156,8 @@ class SecAggServer:
             except (KeyError, TypeError, ValueError) as e:
                 self._reject(cid, f"client {cid} advertised malformed public keys ({e})")
                 continue
+            if not self._signed(cid, "keys", msg.get("sig"), identity.ADVERTISE, cid, pk_enc, pk_mask):
+                continue
             self._pk_enc[cid], self._pk_mask[cid] = pk_enc, pk_mask
             valid.add(cid)
         seen = Counter(k for c in valid for k in (self._pk_enc[c], self._pk_mask[c]))
@@ -160,6 +170,19 @@ class SecAggServer:
         self._keep(self.active)
         self.stage = Stage.SHARE
 
+    def _signed(self, cid: int, kind: str, sig: Any, label: bytes, *fields: Any) -> bool:
+        """Without a roster: True. With one: keeps ``sig`` if it is ``cid``'s identity signature
+        over the statement; else rejects ``cid`` (a reply naming another client fails here)."""
+        roster = self.setup.roster
+        if not roster:
+            return True
+        if not identity.verify(roster[cid], sig, label, self.setup.digest, *fields):
+            self._reject(cid, f"client {cid}: stage '{self.stage}': the reply is not signed by client {cid}'s "
+                              "identity key")
+            return False
+        self._sigs[kind][cid] = sig
+        return True
+
     # -- share ------------------------------------------------------------------------
     def share_requests(self) -> dict[int, dict[str, dict[int, bytes]]]:
         """Each active client gets the keys of its active neighbours; its shares go to them."""
@@ -170,6 +193,8 @@ class SecAggServer:
             self._holders[cid] = peers
             requests[cid] = {"pk_enc": {j: self._pk_enc[j] for j in peers},
                              "pk_mask": {j: self._pk_mask[j] for j in peers}}
+            if self.setup.roster:
+                requests[cid]["sigs"] = {j: self._sigs["keys"][j] for j in peers}
         return requests
 
     def receive_share(self, replies: Replies) -> None:
@@ -221,18 +246,51 @@ class SecAggServer:
         for cid, msg in self._replies(replies).items():
             try:
                 self._masked[cid] = _field_vector(msg.get("masked"), m, length, cid)
+                if msg.get("real") not in (0, 1):
+                    raise SecAggError(f"client {cid} did not say whether its input is real (0 or 1)")
             except FedtuneError as e:
+                self._masked.pop(cid, None)
                 self._reject(cid, str(e))
                 continue
+            if not self._signed(cid, "decl", msg.get("decl"), identity.INPUT, cid, int(msg["real"])):
+                self._masked.pop(cid, None)
+                continue
+            if msg["real"]:
+                self._real.add(cid)
             valid.add(cid)
         self._keep(valid)
         survivors = self.active
+        real = len(self._real & survivors)
+        if real < self.setup.params.min_inputs:  # before any share is asked for: nothing can be unmasked
+            raise self._abort(f"only {real} real inputs (refusals and dropouts count out) among the "
+                              f"{len(survivors)} masked ones, min_inputs={self.setup.params.min_inputs} needed")
         lost = set(self._forwarded) - survivors  # shared, then sent no (valid) input
         for cid in sorted(survivors):
             self._need_holders(cid, "self-mask seed")
         for cid in sorted(lost):
             if any(cid in self._forwarded[s] for s in survivors):
                 self._need_holders(cid, "mask key")
+        self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
+
+    # -- consistency (with a roster) ------------------------------------------------------
+    def consistency_requests(self) -> dict[int, dict[str, Any]]:
+        """Every survivor gets the survivor set, which of them are real and their signed declarations."""
+        self._expect(Stage.CONSISTENCY)
+        survivors = sorted(self.active)
+        msg = {"survivors": survivors, "real": sorted(self._real & self.active),
+               "declarations": {j: self._sigs["decl"][j] for j in survivors}}
+        return {cid: msg for cid in survivors}
+
+    def receive_consistency(self, replies: Replies) -> None:
+        """Keeps the survivors' signatures on the set; fewer than the quorum aborts the round.
+        A survivor that does not sign stays in the sum but is not asked for shares."""
+        self._expect(Stage.CONSISTENCY)
+        survivors = sorted(self.active)
+        for cid, msg in self._replies(replies).items():
+            self._signed(cid, "survivors", msg.get("sig"), identity.SURVIVORS, survivors)
+        signed = len(self._sigs["survivors"])
+        if signed < self.setup.quorum:
+            raise self._abort(f"only {signed} survivors signed the survivor set, {self.setup.quorum} needed")
         self.stage = Stage.UNMASK
 
     def _need_holders(self, owner: int, what: str) -> None:
@@ -247,11 +305,14 @@ class SecAggServer:
         mask-key shares of its neighbours that dropped after sharing."""
         self._expect(Stage.UNMASK)
         requests = {}
-        for cid in sorted(self.active):
+        signers = self._sigs["survivors"]
+        for cid in sorted(signers if self.setup.roster else self.active):
             survivors = self._forwarded[cid] & self.active
             dropped = self._forwarded[cid] - self.active
             self._asked[cid] = (survivors, dropped)
             requests[cid] = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
+            if self.setup.roster:
+                requests[cid]["signatures"] = dict(signers)
         return requests
 
     def receive_unmask(self, replies: Replies) -> SecAggResult:
@@ -299,12 +360,15 @@ class SecAggServer:
         total &= field_mask(self.setup)
         self._masked.clear()
         self.stage = Stage.DONE
-        return SecAggResult(total, tuple(sorted(survivors)), dict(self.dropped), dict(self.rejected))
+        return SecAggResult(total, tuple(sorted(survivors)), dict(self.dropped), dict(self.rejected),
+                            tuple(sorted(self._real & survivors)))
 
     def _check_unmask(self, cid: int, msg: Mapping) -> list[tuple[tuple[int, bytes], tuple[int, bytes]]]:
         """[((owner, kind), (index, share))] from one reply, every share matching its commitment."""
         b_shares = id_map(msg.get("b_shares"), "b_shares", cid)
         sk_shares = id_map(msg.get("sk_shares"), "sk_shares", cid)
+        if cid not in self._asked:
+            raise SecAggError(f"client {cid} revealed shares it was not asked for")
         survivors, dropped = self._asked[cid]
         if not b_shares.keys() <= survivors or not sk_shares.keys() <= dropped:
             raise SecAggError(f"client {cid} revealed shares it was not asked for")

@@ -1,0 +1,93 @@
+"""Identity signatures for SecAgg+ against a malicious server (Bonawitz et al. CCS 2017,
+Bell et al. CCS 2020): each client signs, with a key bound to its identity, the keys it
+advertises, whether its masked input is a real update, and the survivor set it was told.
+
+A signed statement binds a label, the round's setup digest (so nothing carries over to
+another round or run) and its fields, each length-prefixed. Keys are ``cryptography``'s
+Ed25519 (simulation: one pair per client per run) or ECDSA over P-256/384/521 with SHA-384
+(deployment: the SuperNode's authentication key from `fedtune keys`); public keys travel
+as DER SubjectPublicKeyInfo.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+DOMAIN = b"fedtune-secagg-identity/1"
+ADVERTISE = b"advertise"  # (id, pk_enc, pk_mask)
+INPUT = b"input"  # (id, real)
+SURVIVORS = b"survivors"  # (sorted survivor ids)
+
+SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+
+
+def generate() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def public_bytes(key: SigningKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def setup_digest(setup_message: dict[str, Any]) -> bytes:
+    """SHA-256 of the setup as sent (ids, parameters, graph seed, roster): what every signature binds."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, bytes):
+            return v.hex()
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in sorted(v.items())}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return int(v) if isinstance(v, int) else v
+    return hashlib.sha256(json.dumps(plain(setup_message), sort_keys=True).encode()).digest()
+
+
+def _statement(label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:
+    out = [DOMAIN, label, digest]
+    for f in fields:
+        if isinstance(f, int):
+            f = f.to_bytes(8, "big")
+        elif isinstance(f, list):
+            f = b"".join(int(x).to_bytes(8, "big") for x in sorted(f))
+        out.append(f)
+    return b"".join(len(p).to_bytes(4, "big") + p for p in out)
+
+
+def sign(key: SigningKey, label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:
+    data = _statement(label, digest, *fields)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    return key.sign(data, ec.ECDSA(hashes.SHA384()))
+
+
+def verify(public: bytes, signature: Any, label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bool:
+    """True only for a valid signature by ``public`` over exactly this statement."""
+    if not isinstance(signature, bytes):
+        return False
+    try:
+        key = serialization.load_der_public_key(public)
+        data = _statement(label, digest, *fields)
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA384()))
+        else:
+            return False
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def check_public(public: Any) -> bool:
+    """A DER public key this module can verify with."""
+    try:
+        key = serialization.load_der_public_key(bytes(public))
+    except (ValueError, TypeError):
+        return False
+    return isinstance(key, (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey))
