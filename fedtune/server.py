@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
-from fedtune import resume
+from fedtune import receipts, resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
@@ -233,8 +233,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         replies = grid.send_and_receive(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid), timeout=timeout)
         pooled = strategy.aggregate_evaluate(round_, replies)
         for o in strategy.outcomes:
-            append_jsonl(metrics_file, {"round": round_, "phase": "evaluate", "client": o.client, "node": o.node,
-                                        "status": o.status, "reason": o.reason, **o.metrics})
+            append_jsonl(metrics_file, receipts.row({"round": round_, "phase": "evaluate", "client": o.client,
+                                                     "node": o.node, "status": o.status, "reason": o.reason}, o.metrics))
         return {**(dict(pooled) if pooled is not None else {}), "evaluate-seconds": time.perf_counter() - t0}
 
     if done < 0:
@@ -265,9 +265,11 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
             new_arrays, _ = strategy.aggregate_train(round_, grid.send_and_receive(messages, timeout=timeout))
             outcomes = list(strategy.outcomes)
         train_seconds = time.perf_counter() - t0
+        receipts.record(run_dir, round_, outcomes)  # what arrived, hash-chained, before it is used
         for o in outcomes:
-            append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
-                                        "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
+            append_jsonl(metrics_file, receipts.row({"round": round_, "phase": "train", "client": o.client, "node": o.node,
+                                                     "status": o.status, "reason": o.reason,
+                                                     "ledger_head": o.ledger_head}, o.metrics))
         if server_ledger is not None and ddg is None:  # recorded before the noisy model is saved or sent
             history = server_ledger.history() + [server_plan.round_history]
             server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),

@@ -126,6 +126,8 @@ class AdapterFedAvg(FedAvg):
                 continue
             head = str(msg.content["client"].get("ledger-head", "")) if "client" in msg.content.config_records else ""
             self.outcomes.append(Outcome(node, name, "ok", metrics, ledger_head=head))
+            # Only the weight goes on to Flower's average: a client's extra metric keys cannot fail the round.
+            msg.content["metrics"] = MetricRecord({"num-examples": metrics["num-examples"]})
             accepted.append(msg)
         for o in self.outcomes:
             if o.status == "failed":

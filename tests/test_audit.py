@@ -94,10 +94,11 @@ def _one_error_line(res, *needles):
 
 def test_editing_one_number_fails_naming_the_file_and_line(copy):
     path = copy / "clients" / "client-1" / "ledger.jsonl"
+    (copy / "audit.json").unlink(missing_ok=True)  # whatever an earlier test left: this one stands alone
     _edit_line(path, 2, lambda e: e.update(epsilon=e["epsilon"] / 2))  # under-report round 1
     res = fedtune("audit", str(copy), "--verify")
     _one_error_line(res, "client-1/ledger.jsonl:2", "edited")
-    assert not (copy / "audit.json").exists() or json.loads((copy / "audit.json").read_text())["problems"] == []
+    assert not (copy / "audit.json").exists()  # a refused audit writes no report
 
 
 def test_a_truncated_ledger_fails_naming_the_line(copy):

@@ -4,7 +4,8 @@ From a run folder alone: each client's ledger (record-level DP-SGD) and the serv
 (client-level DP-FedAvg). ``verify`` recomputes every recorded ε from the entry's raw
 parameters with a second, independent accountant (Google's dp-accounting), checks that
 each plan's σ keeps its planned rounds within the target, and checks every spend against
-the ledger head the server recorded when the update arrived. The hash chains are always
+the ledger head the server recorded when the update arrived, and every update the server
+received (fedtune.receipts) against a spend in that client's ledger. The hash chains are always
 checked: a damaged ledger is an error naming its file and line.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedtune import receipts
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon_independent
 from fedtune.privacy.distributed import DDGPlan
@@ -131,6 +133,8 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
     refusals = _refusals(metrics, entries)
     if verify:
         problems += _unconfirmed(refusals, entries)
+        trained = any(r.get("phase") == "train" and r.get("status") == "ok" for r in metrics)
+        problems += receipts.verify(run_dir, {n: e for n, (_, e) in entries.items() if n != "server"}, trained)
     result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems}
     if empirical:
         from fedtune.privacy.empirical import run_empirical
@@ -200,7 +204,7 @@ def render(result: dict) -> str:
             lines += ["## Verification passed", "",
                       "Every recorded ε was recomputed from its σ, q and steps by Google's dp-accounting; every plan's σ "
                       "keeps its planned rounds within the target; the hash chains are intact and match the ledger heads "
-                      "the server recorded."]
+                      "the server recorded; every update the server received (server/receipts.jsonl) has its spend."]
     return "\n".join(lines) + "\n"
 
 
