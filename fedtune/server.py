@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
-from fedtune import receipts, resume
+from fedtune import names, receipts, resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
@@ -157,7 +157,7 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
         reply = sec.replies.get(node)
         metrics = dict(reply.content["metrics"]) if reply is not None and "metrics" in reply.content.metric_records else {}
         info = dict(reply.content["client"]) if reply is not None and "client" in reply.content.config_records else {}
-        name = str(info.get("name", strategy.names.get(node, f"node-{node}")))
+        name = names.reported(info.get("name", strategy.names.get(node)), node)
         strategy.names[node] = name
         if metrics.get("refused"):
             outcome = Outcome(node, name, "refused", metrics, str(info.get("reason", "refused")))
