@@ -169,7 +169,7 @@ class AdapterFedAvg(FedAvg):
             else:
                 self.names[node] = name
                 self.outcomes.append(Outcome(node, name, "ok", dict(msg.content["metrics"])))
-        ok = [o.metrics for o in self.outcomes if o.status == "ok"]
+        ok = [o.metrics for o in self.outcomes if o.status == "ok" and "eval-tokens" in o.metrics]  # not withheld
         tokens = sum(m["eval-tokens"] for m in ok)
         if not tokens:
             return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from fedtune import receipts
+from fedtune import receipts, revealed
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon_independent
 from fedtune.privacy.distributed import DDGPlan
@@ -135,7 +135,8 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
         problems += _unconfirmed(refusals, entries)
         trained = any(r.get("phase") == "train" and r.get("status") == "ok" for r in metrics)
         problems += receipts.verify(run_dir, {n: e for n, (_, e) in entries.items() if n != "server"}, trained)
-    result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems}
+    result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems,
+              "revealed": revealed.in_the_clear(metrics)}
     if empirical:
         from fedtune.privacy.empirical import run_empirical
 
@@ -172,6 +173,15 @@ def render(result: dict) -> str:
                   "| round | who | reason | recorded by |", "|---|---|---|---|"]
         lines += [f"| {r['round']} | {r['client']} | {r['reason']} | {' and '.join(r['recorded_by'])} |"
                   for r in result["refusals"]]
+        lines.append("")
+    if result.get("revealed"):
+        lines += ["## Revealed in the clear", "", "Numbers clients sent the server outside the noised adapter "
+                  "(fedtune.revealed). Only data-independent ones are harmless: a loss is computed from the private "
+                  "data and no DP covers it; counts, q, σ, ε and timings give the record count N away, which "
+                  "add/remove-one DP treats as private.", "", "| phase | metric | clients | independent of the data |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['metric']} | {len(r['clients'])} | {'yes' if r['data_independent'] else '**no**'} |"
+                  for r in result["revealed"]]
         lines.append("")
     if any(r["seeded"] for r in result["rows"]):
         lines += ["> **privacy.seed was set**: the DP randomness was reproducible, so these ε do not hold.", ""]
