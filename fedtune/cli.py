@@ -282,7 +282,7 @@ def cmd_audit(args) -> int:
                 print(problem)
         else:
             console.print("verification passed: every ε recomputed with dp-accounting, hash chains intact, "
-                          "ledger heads match the server's record")
+                          "ledger heads match the server's receipts, every received update has its spend")
     console.print(f"report: {Path(args.run_dir) / 'audit.md'}")
     return 1 if failed else 0
 

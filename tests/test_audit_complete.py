@@ -80,6 +80,16 @@ def test_verify_names_exactly_the_tampered_clients_and_rounds(tampered):
     assert [p for p in problems if f"{HEADLESS} round 2" in p and "without a ledger head" in p]
 
 
+def test_the_audit_lists_what_clients_revealed_in_the_clear(tampered):
+    """tiny.toml sets privacy.reveal_losses: the per-client losses are listed, as data-dependent."""
+    revealed = {(r["phase"], r["metric"]): r for r in run_audit(tampered)["revealed"]}
+    assert revealed[("train", "train-loss")]["clients"] == ["client-0", "client-1", "client-2"]
+    assert not revealed[("train", "train-loss")]["data_independent"]
+    assert not revealed[("evaluate", "eval-loss")]["data_independent"] and revealed[("train", "refused")]["data_independent"]
+    assert ("train", "round") not in revealed  # a server field, whoever sent it
+    assert "## Revealed in the clear" in (tampered / "audit.md").read_text()
+
+
 def test_a_ledger_with_its_last_spend_deleted_fails_naming_client_and_round(copy, capsys):
     path = ledger_path(copy, HONEST)
     lines = path.read_text().splitlines(keepends=True)
