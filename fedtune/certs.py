@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -37,8 +36,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _write_private(path: Path, key: ec.EllipticCurvePrivateKey, fmt: serialization.PrivateFormat) -> None:
     data = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption())
-    atomic_write_bytes(path, data)
-    os.chmod(path, 0o600)  # private keys are readable by their owner only
+    atomic_write_bytes(path, data, mode=0o600)  # owner only from the first byte (never write-then-chmod)
 
 
 def _san(hosts: list[str]) -> x509.SubjectAlternativeName:

@@ -267,6 +267,9 @@ def cmd_audit(args) -> int:
     for r in result["refusals"]:  # one unwrapped line each
         print(f"refused: {r['client']} declined round {r['round']} ({r['reason']}; recorded by "
               f"{' and '.join(r['recorded_by'])})", flush=True)
+    uncovered = sorted({f"{r['phase']}:{r['metric']}" for r in result.get("revealed", []) if not r["data_independent"]})
+    if uncovered:  # losses (privacy.reveal_losses), and without secagg the count N
+        print(f"revealed in the clear, outside the DP guarantee: {', '.join(uncovered)}", flush=True)
     failed = False
     emp = result.get("empirical") or {}
     if "one_run" in emp:
@@ -286,7 +289,7 @@ def cmd_audit(args) -> int:
                 print(problem)
         else:
             console.print("verification passed: every ε recomputed with dp-accounting, hash chains intact, "
-                          "ledger heads match the server's record")
+                          "ledger heads match the server's receipts, every received update has its spend")
     console.print(f"report: {Path(args.run_dir) / 'audit.md'}")
     return 1 if failed else 0
 

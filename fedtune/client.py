@@ -38,6 +38,7 @@ from fedtune.runfolder import (
     atomic_write_bytes, client_dir, file_lock, kept_adapter_path, ledger_path, now, read_json, release_path, run_dir_for,
     write_json,
 )
+from fedtune import revealed
 from fedtune.secagg.flower import STAGE, LocalUpdate, handle_stage
 
 # torch, transformers, peft, opacus and datasets are imported where a message needs them:
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
 ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
 UNIT = "one training record (example) of this client's data; neighbouring data sets differ by adding or removing one record"
 COVERS = "the LoRA adapter weights this client sends to the server"
-NOT_COVERED = "training loss, held-out loss and example counts reported to the server as metrics"
+NOT_COVERED = revealed.NOT_COVERED
 
 
 @dataclass
@@ -329,9 +330,8 @@ def _check_ddg_dim(msg: Message, context: Context, s: ClientSetup) -> None:
                            f"adapter it sent has {size}; refusing the round")
 
 
-# Under secure aggregation only these metrics travel in the clear (the example count is
-# inside the masked sum; q, σ and steps would reveal the dataset size, the loss the data).
-REVEALED_UNDER_SECAGG = ("refused", "epsilon", "train-seconds", "threads", "resent")
+# Under secure aggregation only these metrics travel in the clear (fedtune.revealed).
+REVEALED_UNDER_SECAGG = revealed.REVEALED_UNDER_SECAGG
 
 
 def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | Message:
@@ -394,7 +394,9 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": decision.epsilon_before,
                        "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
                        "reason": decision.reason, "time": now()})
-        return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0},
+        said = {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0}
+        said = revealed.train_metrics(said, dp=plan.dp, secure=secure, reveal_losses=False)
+        return LocalUpdate(None, 0.0, said,
                            {"name": s.name, "reason": decision.reason}, reproducible_seed(s, server_round, "encoding"))
 
     import torch
@@ -445,8 +447,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         "sample-rate": plan.sample_rate, "train-seconds": stats.seconds, "threads": torch.get_num_threads(),
         "refused": 0,
     }
-    if secure:
-        metrics = {k: metrics[k] for k in REVEALED_UNDER_SECAGG if k in metrics}
+    metrics = revealed.train_metrics(metrics, dp=plan.dp, secure=secure, reveal_losses=s.cfg.privacy.reveal_losses)
     arrays = {k: v.numpy() for k, v in state.items()}
     client = {"name": s.name, "ledger-head": entry["hash"]}
     # Paid for and about to leave: kept, so that the same request again costs nothing.
@@ -465,6 +466,9 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         set_adapter_state(s.m.model, full_adapter(s, msg.content["arrays"].to_torch_state_dict()))
     except (FedtuneError, KeyError, ValueError) as exc:
         return _error_reply(msg, "client evaluate", exc)
+    if not revealed.evaluation_allowed(s.cfg):  # a per-client loss no DP covers: withheld (privacy.reveal_losses)
+        return Message(RecordDict({"metrics": MetricRecord({"eval-withheld": 1}),
+                                   "client": ConfigRecord({"name": s.name})}), reply_to=msg)
     t0 = time.perf_counter()
     loss_sum, tokens = evaluate(
         s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,

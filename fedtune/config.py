@@ -80,6 +80,7 @@ class PrivacySection:
     budget: float = 0.0  # ε a client will spend at most; 0 = epsilon
     noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
     seed: int = -1  # tests only: seeds DP noise and sampling (recorded); -1 = OS entropy
+    reveal_losses: bool = False  # under DP: send per-client train/held-out losses (not covered by DP; audited)
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,8 @@ def check_adapter_state(state: dict[str, Any], expected: dict[str, torch.Tensor]
         value = state[key]
         if tuple(value.shape) != tuple(ref.shape):
             raise ValueError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}")
+        if not torch.as_tensor(value).is_floating_point():
+            raise ValueError(f"adapter tensor {key} has dtype {torch.as_tensor(value).dtype}, expected floating point")
         if not torch.isfinite(torch.as_tensor(value)).all():
             raise ValueError(f"adapter tensor {key} contains NaN or infinite values")
 
@@ -264,6 +266,8 @@ def check_adapter_state(state: dict[str, Any], expected: dict[str, torch.Tensor]
 def save_adapter(folder: Path, state: dict[str, torch.Tensor], cfg, base_model: str) -> None:
     """Write a PEFT adapter folder (``PeftModel.from_pretrained`` loads it) atomically."""
     from safetensors.torch import save_file
+
+    from fedtune.runfolder import fsync_dir
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +285,7 @@ def save_adapter(folder: Path, state: dict[str, torch.Tensor], cfg, base_model: 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, folder)
+        fsync_dir(folder.parent)  # the renamed release survives a crash
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -27,7 +27,7 @@ def summarize(run_dir: Path) -> dict:
     cfg = tomllib.loads((run_dir / "config.toml").read_text())
     rows = read_jsonl(run_dir / "metrics.jsonl")
     rounds = [r for r in rows if r["phase"] == "round"]
-    evals = [r for r in rows if r["phase"] == "evaluate" and r.get("status") == "ok"]
+    evals = [r for r in rows if r["phase"] == "evaluate" and r.get("status") == "ok" and "perplexity" in r]
     trains = [r for r in rows if r["phase"] == "train"]
     base = next((r for r in rounds if r["round"] == 0), {})
     final = rounds[-1] if rounds else {}
@@ -46,7 +46,8 @@ def summarize(run_dir: Path) -> dict:
         if r["status"] == "ok":
             if "num-examples" in r:  # under secure aggregation the server does not learn it
                 c["train_records"] = r["num-examples"]
-            c["epsilon"] = r["epsilon"]
+            if "epsilon" in r:  # under secure aggregation the ledger says it
+                c["epsilon"] = r["epsilon"]
     for name, c in clients.items():
         ledger = Ledger(run_dir / "clients" / name / "ledger.jsonl")
         if ledger.path.exists():  # in simulation the ledgers are local; in deployment they are not

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedtune import names
 from fedtune.errors import FedtuneError
 
 RUN_FILE = "run.json"
@@ -54,6 +55,16 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)  # the rename itself survives a crash
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a folder's entries (a new file, a rename) durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -140,7 +151,7 @@ def new_run_dir(output: str | Path, name: str) -> Path:
 
 
 def client_dir(run_dir: str | Path, client: str) -> Path:
-    return Path(run_dir) / "clients" / client
+    return Path(run_dir) / "clients" / names.check(client, "client name")
 
 
 def ledger_path(run_dir: str | Path, client: str) -> Path:
@@ -163,7 +174,7 @@ def server_ledger_path(run_dir: str | Path) -> Path:
 
 
 def adapter_dir(run_dir: str | Path, label: str) -> Path:
-    return Path(run_dir) / "adapters" / label
+    return Path(run_dir) / "adapters" / names.check(label, "adapter label")
 
 
 def is_run_dir(path: str | Path) -> bool:

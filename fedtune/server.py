@@ -23,7 +23,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
-from fedtune import resume
+from fedtune import names, receipts, resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
@@ -158,7 +158,7 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
         reply = sec.replies.get(node)
         metrics = dict(reply.content["metrics"]) if reply is not None and "metrics" in reply.content.metric_records else {}
         info = dict(reply.content["client"]) if reply is not None and "client" in reply.content.config_records else {}
-        name = sec.names.get(node) or str(info.get("name", strategy.names.get(node, f"node-{node}")))  # bound to its key
+        name = sec.names.get(node) or names.reported(info.get("name", strategy.names.get(node)), node)  # key-bound first
         strategy.names[node] = name
         if metrics.get("refused"):
             outcome = Outcome(node, name, "refused", metrics, str(info.get("reason", "refused")))
@@ -234,8 +234,8 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         replies = grid.send_and_receive(strategy.configure_evaluate(round_, arrays, ConfigRecord(), grid), timeout=timeout)
         pooled = strategy.aggregate_evaluate(round_, replies)
         for o in strategy.outcomes:
-            append_jsonl(metrics_file, {"round": round_, "phase": "evaluate", "client": o.client, "node": o.node,
-                                        "status": o.status, "reason": o.reason, **o.metrics})
+            append_jsonl(metrics_file, receipts.row({"round": round_, "phase": "evaluate", "client": o.client,
+                                                     "node": o.node, "status": o.status, "reason": o.reason}, o.metrics))
         return {**(dict(pooled) if pooled is not None else {}), "evaluate-seconds": time.perf_counter() - t0}
 
     if done < 0:
@@ -268,9 +268,11 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         train_seconds = time.perf_counter() - t0
         if server_ledger is not None and secure_info.get("secagg-aborted"):  # nothing released this round
             server_ledger.append({"type": "abort", "round": round_, "reason": secure_info["secagg-aborted"], "time": now()})
+        receipts.record(run_dir, round_, outcomes)  # what arrived, hash-chained, before it is used
         for o in outcomes:
-            append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
-                                        "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
+            append_jsonl(metrics_file, receipts.row({"round": round_, "phase": "train", "client": o.client, "node": o.node,
+                                                     "status": o.status, "reason": o.reason,
+                                                     "ledger_head": o.ledger_head}, o.metrics))
         if server_ledger is not None and ddg is None:  # recorded before the noisy model is saved or sent
             history = server_ledger.history() + [server_plan.round_history]
             server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),

@@ -20,7 +20,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedtune import names
+
 MAX_ABS_VALUE = 1e4  # larger adapter weights are a broken or hostile update, not training
+MAX_METRICS = 64  # a reply's metrics: fedtune's clients send about a dozen
 
 
 @dataclass
@@ -41,9 +44,10 @@ def log_refusal(client: str, server_round: int, reason: str) -> None:
 
 
 def _client_name(msg: Message) -> str:
+    node = msg.metadata.src_node_id
     if not msg.has_error() and "client" in msg.content.config_records:
-        return str(msg.content["client"].get("name", f"node-{msg.metadata.src_node_id}"))
-    return f"node-{msg.metadata.src_node_id}"
+        return names.reported(msg.content["client"].get("name"), node)  # never a path outside the run folder
+    return f"node-{node}"
 
 
 def check_update(content: RecordDict, template: dict[str, tuple[int, ...]]) -> str:
@@ -65,6 +69,8 @@ def check_update(content: RecordDict, template: dict[str, tuple[int, ...]]) -> s
         if np.abs(value).max(initial=0.0) > MAX_ABS_VALUE:
             return f"{key} has values beyond ±{MAX_ABS_VALUE:g}"
     metrics = content.metric_records.get("metrics")
+    if metrics is not None and len(metrics) > MAX_METRICS:
+        return f"{len(metrics)} metrics, more than the {MAX_METRICS} a client may report"
     weight = metrics.get("num-examples") if metrics is not None else None
     if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
         return f"num-examples must be a positive number (got {weight!r})"
@@ -126,6 +132,8 @@ class AdapterFedAvg(FedAvg):
                 continue
             head = str(msg.content["client"].get("ledger-head", "")) if "client" in msg.content.config_records else ""
             self.outcomes.append(Outcome(node, name, "ok", metrics, ledger_head=head))
+            # Only the weight goes on to Flower's average: a client's extra metric keys cannot fail the round.
+            msg.content["metrics"] = MetricRecord({"num-examples": metrics["num-examples"]})
             accepted.append(msg)
         for o in self.outcomes:
             if o.status == "failed":
@@ -161,7 +169,7 @@ class AdapterFedAvg(FedAvg):
             else:
                 self.names[node] = name
                 self.outcomes.append(Outcome(node, name, "ok", dict(msg.content["metrics"])))
-        ok = [o.metrics for o in self.outcomes if o.status == "ok"]
+        ok = [o.metrics for o in self.outcomes if o.status == "ok" and "eval-tokens" in o.metrics]  # not withheld
         tokens = sum(m["eval-tokens"] for m in ok)
         if not tokens:
             return None

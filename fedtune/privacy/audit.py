@@ -4,7 +4,8 @@ From a run folder alone: each client's ledger (record-level DP-SGD) and the serv
 (client-level DP-FedAvg). ``verify`` recomputes every recorded ε from the entry's raw
 parameters with a second, independent accountant (Google's dp-accounting), checks that
 each plan's σ keeps its planned rounds within the target, and checks every spend against
-the ledger head the server recorded when the update arrived. The hash chains are always
+the ledger head the server recorded when the update arrived, and every update the server
+received (fedtune.receipts) against a spend in that client's ledger. The hash chains are always
 checked: a damaged ledger is an error naming its file and line.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from fedtune import receipts, revealed
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon_independent
 from fedtune.privacy.distributed import DDGPlan
@@ -131,7 +133,10 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
     refusals = _refusals(metrics, entries)
     if verify:
         problems += _unconfirmed(refusals, entries)
-    result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems}
+        trained = any(r.get("phase") == "train" and r.get("status") == "ok" for r in metrics)
+        problems += receipts.verify(run_dir, {n: e for n, (_, e) in entries.items() if n != "server"}, trained)
+    result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems,
+              "revealed": revealed.in_the_clear(metrics)}
     if empirical:
         from fedtune.privacy.empirical import run_empirical
 
@@ -169,6 +174,15 @@ def render(result: dict) -> str:
         lines += [f"| {r['round']} | {r['client']} | {r['reason']} | {' and '.join(r['recorded_by'])} |"
                   for r in result["refusals"]]
         lines.append("")
+    if result.get("revealed"):
+        lines += ["## Revealed in the clear", "", "Numbers clients sent the server outside the noised adapter "
+                  "(fedtune.revealed). Only data-independent ones are harmless: a loss is computed from the private "
+                  "data and no DP covers it; counts, q, σ, ε and timings give the record count N away, which "
+                  "add/remove-one DP treats as private.", "", "| phase | metric | clients | independent of the data |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['phase']} | {r['metric']} | {len(r['clients'])} | {'yes' if r['data_independent'] else '**no**'} |"
+                  for r in result["revealed"]]
+        lines.append("")
     if any(r["seeded"] for r in result["rows"]):
         lines += ["> **privacy.seed was set**: the DP randomness was reproducible, so these ε do not hold.", ""]
     emp = result.get("empirical")
@@ -200,7 +214,7 @@ def render(result: dict) -> str:
             lines += ["## Verification passed", "",
                       "Every recorded ε was recomputed from its σ, q and steps by Google's dp-accounting; every plan's σ "
                       "keeps its planned rounds within the target; the hash chains are intact and match the ledger heads "
-                      "the server recorded."]
+                      "the server recorded; every update the server received (server/receipts.jsonl) has its spend."]
     return "\n".join(lines) + "\n"
 
 
