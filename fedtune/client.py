@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from fedtune import config as config_mod
 from fedtune import release
 from fedtune.aggregation import kept, set_trainable, shared
-from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
+from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
@@ -83,6 +83,7 @@ class ClientSetup:
     heldout: TokenizedData
     run_dir: Path
     pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
+    node: LocalNode | None = None  # a deployed client's own settings (its policy); None in simulation
 
 
 _MODELS: dict[tuple, _Model] = {}
@@ -152,7 +153,7 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     if key not in _DATA:
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id)
+    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node)
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
@@ -278,9 +279,12 @@ def _check_encoding(context: Context, encoding) -> None:
 
     node = deployed_node(context.node_config)
     cfg = config_from_context(context) if node is None else local_config(config_from_context(context), node)
+    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
+    reason = node.policy.violation(cfg, True, 0) if node is not None else ""
+    if reason:  # refused at the first message of a secure round, before any key is made
+        raise FedtuneError(f"{who} refused the round: policy: {reason}")
     if not cfg.client_dp.enabled:
         return
-    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
     if encoding.ddg is None:
         raise FedtuneError(f"{who}: the server asks for secure aggregation without distributed-DP noise, but this "
                            "client's config has client_dp on; refusing to send an un-noised update")
@@ -351,8 +355,24 @@ def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
                        reproducible_seed(s, server_round, "encoding"))
 
 
+def _refuse(s: ClientSetup, ledger: Ledger, server_round: int, reason: str, spent: float, **extra) -> LocalUpdate:
+    """A refused round: recorded in the ledger, then a reply that carries the reason and no update."""
+    ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": spent, **extra, "reason": reason,
+                   "time": now()})
+    return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": spent, "num-examples": 0},
+                       {"name": s.name, "reason": reason}, reproducible_seed(s, server_round, "encoding"))
+
+
 def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool) -> LocalUpdate | Message:
     ledger = Ledger(ledger_path(s.run_dir, s.name))
+    if s.node is not None:  # deployed: the operator's policy first, before anything is planned or spent
+        reason = s.node.policy.violation(s.cfg, secure, len(s.train))
+        if reason:
+            try:
+                spends = ledger.spends()
+                return _refuse(s, ledger, server_round, f"policy: {reason}", spends[-1]["epsilon"] if spends else 0.0)
+            except FedtuneError as exc:
+                return _error_reply(msg, s.name, exc)
     clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     try:
         asked = release.fingerprint(server_round, msg.content["arrays"], clip, secure)
@@ -371,11 +391,8 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
 
     decision = check_round(history, plan)
     if not decision.train:
-        ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": decision.epsilon_before,
-                       "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
-                       "reason": decision.reason, "time": now()})
-        return LocalUpdate(None, 0.0, {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0},
-                           {"name": s.name, "reason": decision.reason}, reproducible_seed(s, server_round, "encoding"))
+        return _refuse(s, ledger, server_round, decision.reason, decision.epsilon_before,
+                       epsilon_if_trained=decision.epsilon_after, budget=plan.budget)
 
     import torch
 

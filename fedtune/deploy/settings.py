@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import config as config_mod
+from fedtune.deploy.policy import Policy
 from fedtune.errors import FedtuneError
 
 
@@ -85,6 +86,8 @@ class ClientSettings:
     model_cache: str = ""  # base models; default $FEDTUNE_CACHE or ~/.cache/fedtune
     port: int = 9094  # local port where this SuperNode serves its ClientApp processes
     allow_seeded: bool = False  # tests only: accept runs whose DP noise is seeded (no guarantee)
+    dataset: str = ""  # the data set's name: its lifetime ledger (every run on it spends one budget); "" = name
+    policy: Policy = field(default_factory=Policy)  # the [policy] table: the weakest run this client accepts
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -105,10 +108,14 @@ def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
 
 def load_client(path: str | Path) -> ClientSettings:
     p = Path(path).expanduser().resolve()
-    values = _table(_read_toml(p, "client config"), "client", ClientSettings, p)
+    data = _read_toml(p, "client config")
+    values = _table(data, "client", ClientSettings, p)
     for key in ("ca", "key", "data", "state", "model_cache"):
         values[key] = _path(p.parent, values.get(key, getattr(ClientSettings(), key)))
+    values["policy"] = Policy(**_table(data, "policy", Policy, p)).check(str(p)) if "policy" in data else Policy()
     s = ClientSettings(**values)
+    if s.dataset and ("/" in s.dataset or s.dataset.startswith(".")):
+        raise FedtuneError(f"{p}: client.dataset must be a plain name such as clinic-a-2026 (got {s.dataset!r})")
     if not s.name or "/" in s.name or s.name.startswith("."):
         raise FedtuneError(f"{p}: client.name must be a plain name such as clinic-a (got {s.name!r})")
     if not s.data:
@@ -125,7 +132,8 @@ def load_client(path: str | Path) -> ClientSettings:
 def node_config(s: ClientSettings) -> dict[str, Any]:
     """What the SuperNode passes to every ClientApp process (Flower's node config)."""
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
-            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded}
+            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "dataset": s.dataset or s.name,
+            **s.policy.to_node_config()}
 
 
 def node_config_arg(s: ClientSettings) -> str:
