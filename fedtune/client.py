@@ -21,6 +21,7 @@ import os
 import secrets
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from fedtune import config as config_mod
 from fedtune import release
 from fedtune.aggregation import kept, set_trainable, shared
+from fedtune.deploy.lifetime import Lifetime, open_lifetime
 from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
@@ -330,10 +332,16 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         except (FedtuneError, KeyError) as exc:
             return _error_reply(msg, s.name, exc)
     server_round = int(msg.content["config"]["server-round"])
+    lifetime = None
+    if s.node is not None:  # deployed: the data set's lifetime budget, across every run
+        try:
+            lifetime = open_lifetime(s.node.state_dir, s.node.dataset, s.node.data_file, s.node.budget, s.node.policy)
+        except FedtuneError as exc:
+            return _error_reply(msg, s.name, exc)
     # One request at a time per client: a restarted server's request may arrive while the
     # crashed server's is still training; the second one then finds the first's release.
-    with file_lock(client_dir(s.run_dir, s.name) / ".round.lock"):
-        return _spend_and_train(msg, s, server_round, secure)
+    with file_lock(client_dir(s.run_dir, s.name) / ".round.lock"), (lifetime.lock() if lifetime else nullcontext()):
+        return _spend_and_train(msg, s, server_round, secure, lifetime)
 
 
 def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
@@ -363,7 +371,8 @@ def _refuse(s: ClientSetup, ledger: Ledger, server_round: int, reason: str, spen
                        {"name": s.name, "reason": reason}, reproducible_seed(s, server_round, "encoding"))
 
 
-def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool) -> LocalUpdate | Message:
+def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool,
+                     lifetime: Lifetime | None = None) -> LocalUpdate | Message:
     ledger = Ledger(ledger_path(s.run_dir, s.name))
     if s.node is not None:  # deployed: the operator's policy first, before anything is planned or spent
         reason = s.node.policy.violation(s.cfg, secure, len(s.train))
@@ -393,6 +402,12 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     if not decision.train:
         return _refuse(s, ledger, server_round, decision.reason, decision.epsilon_before,
                        epsilon_if_trained=decision.epsilon_after, budget=plan.budget)
+    if lifetime is not None and plan.dp:
+        before, after, reason = lifetime.check(plan.round_history)
+        if reason:
+            lifetime.refuse(s.cfg.run.name, server_round, reason)
+            return _refuse(s, ledger, server_round, reason, decision.epsilon_before, lifetime_epsilon=before,
+                           lifetime_epsilon_if_trained=after, budget=lifetime.budget)
 
     import torch
 
@@ -431,6 +446,8 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     if clip > 0:  # client-level DP: the server adds noise calibrated to this bound on our update
         state = clip_update(state, global_state, clip)
     spent = epsilon(history + [plan.round_history], plan.delta, plan.accountant) if plan.dp else math.inf
+    if lifetime is not None:  # first: a crash between the two appends over-reports, never under-reports
+        lifetime.spend(s.cfg.run.name, server_round, plan, spent)
     # Durable before the update leaves: a crash after this line never under-reports.
     entry = ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
                            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,

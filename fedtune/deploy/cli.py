@@ -36,6 +36,13 @@ def add_parsers(sub) -> None:
     c.add_argument("config", nargs="?", default="client/client.toml", help="client config (default: client/client.toml)")
     c.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trusted test networks only)")
 
+    p = sub.add_parser("budget", help="a data holder's lifetime privacy spend on its data set (client machine)",
+                       description="Each run that trained on the client's data set, its ε, the composed lifetime ε "
+                                   "and what remains of client.budget. Exit 1 when --verify finds a problem.")
+    p.add_argument("config", nargs="?", default="client/client.toml", help="client config (default: client/client.toml)")
+    p.add_argument("--verify", action="store_true", help="recompute every ε with dp-accounting (the chain is always checked)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
     p = sub.add_parser("run", help="start the federation's run on the server and follow it to the end",
                        description="Exit 0 when the run completed, 1 when it failed (Flower's own status is read; "
                                    "`flwr run` exits 0 either way), 2 on a mistake in the config.")
@@ -91,4 +98,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"certs": cmd_certs, "keys": cmd_keys, "server": cmd_server, "client": cmd_client, "run": cmd_run}
+def cmd_budget(args) -> int:
+    from fedtune.deploy.budget_report import cmd_budget as run
+
+    return run(args)
+
+
+COMMANDS = {"budget": cmd_budget, "certs": cmd_certs, "keys": cmd_keys, "server": cmd_server, "client": cmd_client, "run": cmd_run}

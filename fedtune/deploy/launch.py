@@ -166,6 +166,10 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     finally:
         quiet.setLevel(level)
     check_port("127.0.0.1", s.port, "the client's local ClientApp")
+    from fedtune.deploy.lifetime import open_lifetime
+
+    # The data set's lifetime ledger: a damaged one, or this file under another data set's name, stops us here.
+    open_lifetime(s.state, s.dataset or s.name, s.data, s.budget, s.policy)
 
 
 def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSettings]:
