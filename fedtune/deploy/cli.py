@@ -35,6 +35,9 @@ def add_parsers(sub) -> None:
     c = csub.add_parser("start", help="connect to the server with this client's key, data and budget")
     c.add_argument("config", nargs="?", default="client/client.toml", help="client config (default: client/client.toml)")
     c.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trusted test networks only)")
+    c = csub.add_parser("approve", help="approve a run's app (its hash, as `fedtune run` prints it) in client.toml")
+    c.add_argument("config", help="client config")
+    c.add_argument("app", nargs="?", default="", help="the app's sha256, or an app folder (default: this installation's)")
 
     p = sub.add_parser("budget", help="a data holder's lifetime privacy spend on its data set (client machine)",
                        description="Each run that trained on the client's data set, its ε, the composed lifetime ε "
@@ -83,6 +86,12 @@ def cmd_server(args) -> int:
 def cmd_client(args) -> int:
     from fedtune.deploy import launch
 
+    if args.action == "approve":
+        from fedtune.deploy.approved import approve
+        from fedtune.simulate import app_dir
+
+        print(f"approved app sha256 {approve(args.config, args.app or str(app_dir()))} in {args.config}")
+        return 0
     return launch.start_client(args.config, args.insecure)
 
 

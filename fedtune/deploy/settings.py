@@ -86,6 +86,7 @@ class ClientSettings:
     model_cache: str = ""  # base models; default $FEDTUNE_CACHE or ~/.cache/fedtune
     port: int = 9094  # local port where this SuperNode serves its ClientApp processes
     allow_seeded: bool = False  # tests only: accept runs whose DP noise is seeded (no guarantee)
+    apps: list = field(default_factory=list)  # approved app hashes (`fedtune client approve`); others are refused
     dataset: str = ""  # the data set's name: its lifetime ledger (every run on it spends one budget); "" = name
     policy: Policy = field(default_factory=Policy)  # the [policy] table: the weakest run this client accepts
 
@@ -114,6 +115,10 @@ def load_client(path: str | Path) -> ClientSettings:
         values[key] = _path(p.parent, values.get(key, getattr(ClientSettings(), key)))
     values["policy"] = Policy(**_table(data, "policy", Policy, p)).check(str(p)) if "policy" in data else Policy()
     s = ClientSettings(**values)
+    bad = [h for h in s.apps if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h))]
+    if bad:
+        raise FedtuneError(f"{p}: client.apps must list app hashes (64 hex digits, as `fedtune run` prints them); "
+                           f"got {bad[0]!r}")
     if s.dataset and ("/" in s.dataset or s.dataset.startswith(".")):
         raise FedtuneError(f"{p}: client.dataset must be a plain name such as clinic-a-2026 (got {s.dataset!r})")
     if not s.name or "/" in s.name or s.name.startswith("."):
