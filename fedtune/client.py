@@ -21,6 +21,7 @@ import os
 import secrets
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,7 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from fedtune import config as config_mod
 from fedtune import release
 from fedtune.aggregation import kept, set_trainable, shared
-from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
+from fedtune.deploy.lifetime import Lifetime, open_lifetime
+from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
@@ -84,6 +86,7 @@ class ClientSetup:
     heldout: TokenizedData
     run_dir: Path
     pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
+    node: LocalNode | None = None  # a deployed client's own settings (its policy); None in simulation
 
 
 _MODELS: dict[tuple, _Model] = {}
@@ -153,7 +156,7 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     if key not in _DATA:
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id)
+    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node)
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
@@ -299,9 +302,12 @@ def _check_encoding(context: Context, encoding) -> None:
 
     node = deployed_node(context.node_config)
     cfg = _own_config(context)
+    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
+    reason = node.policy.violation(cfg, True, 0) if node is not None else ""
+    if reason:  # refused at the first message of a secure round, before any key is made
+        raise FedtuneError(f"{who} refused the round: policy: {reason}")
     if not cfg.client_dp.enabled:
         return
-    who = node.name if node is not None else f"partition {context.node_config.get('partition-id', 0)}"
     if encoding.ddg is None:
         raise FedtuneError(f"{who}: the server asks for secure aggregation without distributed-DP noise, but this "
                            "client's config has client_dp on; refusing to send an un-noised update")
@@ -346,10 +352,16 @@ def _local_round(msg: Message, context: Context, secure: bool) -> LocalUpdate | 
         except (FedtuneError, KeyError) as exc:
             return _error_reply(msg, s.name, exc)
     server_round = int(msg.content["config"]["server-round"])
+    lifetime = None
+    if s.node is not None:  # deployed: the data set's lifetime budget, across every run
+        try:
+            lifetime = open_lifetime(s.node.state_dir, s.node.dataset, s.node.data_file, s.node.budget, s.node.policy)
+        except FedtuneError as exc:
+            return _error_reply(msg, s.name, exc)
     # One request at a time per client: a restarted server's request may arrive while the
     # crashed server's is still training; the second one then finds the first's release.
-    with file_lock(client_dir(s.run_dir, s.name) / ".round.lock"):
-        return _spend_and_train(msg, s, server_round, secure)
+    with file_lock(client_dir(s.run_dir, s.name) / ".round.lock"), (lifetime.lock() if lifetime else nullcontext()):
+        return _spend_and_train(msg, s, server_round, secure, lifetime)
 
 
 def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
@@ -371,8 +383,27 @@ def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
                        reproducible_seed(s, server_round, "encoding"))
 
 
-def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool) -> LocalUpdate | Message:
+def _refuse(s: ClientSetup, ledger: Ledger, server_round: int, secure: bool, reason: str, spent: float,
+            **extra) -> LocalUpdate:
+    """A refused round: recorded in the ledger, then a reply that carries the reason and no update."""
+    ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": spent, **extra, "reason": reason,
+                   "time": now()})
+    said = revealed.train_metrics({"refused": 1, "epsilon": spent, "num-examples": 0}, dp=s.cfg.privacy.dp,
+                                  secure=secure, reveal_losses=False)
+    return LocalUpdate(None, 0.0, said, {"name": s.name, "reason": reason}, reproducible_seed(s, server_round, "encoding"))
+
+
+def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bool,
+                     lifetime: Lifetime | None = None) -> LocalUpdate | Message:
     ledger = Ledger(ledger_path(s.run_dir, s.name))
+    if s.node is not None:  # deployed: the operator's policy first, before anything is planned or spent
+        reason = s.node.policy.violation(s.cfg, secure, len(s.train))
+        if reason:
+            try:
+                spends = ledger.spends()
+                return _refuse(s, ledger, server_round, secure, f"policy: {reason}", spends[-1]["epsilon"] if spends else 0.0)
+            except FedtuneError as exc:
+                return _error_reply(msg, s.name, exc)
     clip = float(msg.content["config"].get("client-clip-norm", 0.0))
     try:
         asked = release.fingerprint(server_round, msg.content["arrays"], clip, secure)
@@ -391,13 +422,14 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
 
     decision = check_round(history, plan)
     if not decision.train:
-        ledger.append({"type": "refusal", "round": server_round, "epsilon_spent": decision.epsilon_before,
-                       "epsilon_if_trained": decision.epsilon_after, "budget": plan.budget,
-                       "reason": decision.reason, "time": now()})
-        said = {"refused": 1, "epsilon": decision.epsilon_before, "num-examples": 0}
-        said = revealed.train_metrics(said, dp=plan.dp, secure=secure, reveal_losses=False)
-        return LocalUpdate(None, 0.0, said,
-                           {"name": s.name, "reason": decision.reason}, reproducible_seed(s, server_round, "encoding"))
+        return _refuse(s, ledger, server_round, secure, decision.reason, decision.epsilon_before,
+                       epsilon_if_trained=decision.epsilon_after, budget=plan.budget)
+    if lifetime is not None and plan.dp:
+        before, after, reason = lifetime.check(plan.round_history)
+        if reason:
+            lifetime.refuse(s.cfg.run.name, server_round, reason)
+            return _refuse(s, ledger, server_round, secure, reason, decision.epsilon_before, lifetime_epsilon=before,
+                           lifetime_epsilon_if_trained=after, budget=lifetime.budget)
 
     import torch
 
@@ -436,6 +468,8 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     if clip > 0:  # client-level DP: the server adds noise calibrated to this bound on our update
         state = clip_update(state, global_state, clip)
     spent = epsilon(history + [plan.round_history], plan.delta, plan.accountant) if plan.dp else math.inf
+    if lifetime is not None:  # first: a crash between the two appends over-reports, never under-reports
+        lifetime.spend(s.cfg.run.name, server_round, plan, spent)
     # Durable before the update leaves: a crash after this line never under-reports.
     entry = ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
                            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,

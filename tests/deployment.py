@@ -4,6 +4,7 @@ process group so a test can kill one (or all) by process group id."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -33,6 +34,14 @@ def write_data(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+@functools.cache
+def approved_app() -> str:
+    """The hash of this checkout's app, which the test clients approve."""
+    from fedtune.deploy.approved import app_hash
+
+    return app_hash(ROOT)
+
+
 class Federation:
     """A loopback deployment under ``root``: server config, client configs, processes."""
 
@@ -54,7 +63,7 @@ class Federation:
         """``<label>.toml``: client ``label`` with its own key, data and state, then ``changes``."""
         c = {"name": label, "superlink": f"localhost:{self.port}", "ca": "certs/ca.crt", "key": f"keys/{label}",
              "data": f"data/{label}.jsonl", "budget": 8.0, "state": f"state/{label}", "port": free_port(),
-             "allow_seeded": True, **changes}
+             "allow_seeded": True, "apps": [approved_app()], **changes}
         path = self.root / f"{label}.toml"
         path.write_text(_toml({"client": c}))
         return path

@@ -35,6 +35,16 @@ def add_parsers(sub) -> None:
     c = csub.add_parser("start", help="connect to the server with this client's key, data and budget")
     c.add_argument("config", nargs="?", default="client/client.toml", help="client config (default: client/client.toml)")
     c.add_argument("--insecure", action="store_true", help="no TLS, no authentication (trusted test networks only)")
+    c = csub.add_parser("approve", help="approve a run's app (its hash, as `fedtune run` prints it) in client.toml")
+    c.add_argument("config", help="client config")
+    c.add_argument("app", nargs="?", default="", help="the app's sha256, or an app folder (default: this installation's)")
+
+    p = sub.add_parser("budget", help="a data holder's lifetime privacy spend on its data set (client machine)",
+                       description="Each run that trained on the client's data set, its ε, the composed lifetime ε "
+                                   "and what remains of client.budget. Exit 1 when --verify finds a problem.")
+    p.add_argument("config", nargs="?", default="client/client.toml", help="client config (default: client/client.toml)")
+    p.add_argument("--verify", action="store_true", help="recompute every ε with dp-accounting (the chain is always checked)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("run", help="start the federation's run on the server and follow it to the end",
                        description="Exit 0 when the run completed, 1 when it failed (Flower's own status is read; "
@@ -76,6 +86,12 @@ def cmd_server(args) -> int:
 def cmd_client(args) -> int:
     from fedtune.deploy import launch
 
+    if args.action == "approve":
+        from fedtune.deploy.approved import approve
+        from fedtune.simulate import app_dir
+
+        print(f"approved app sha256 {approve(args.config, args.app or str(app_dir()))} in {args.config}")
+        return 0
     return launch.start_client(args.config, args.insecure)
 
 
@@ -91,4 +107,10 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"certs": cmd_certs, "keys": cmd_keys, "server": cmd_server, "client": cmd_client, "run": cmd_run}
+def cmd_budget(args) -> int:
+    from fedtune.deploy.budget_report import cmd_budget as run
+
+    return run(args)
+
+
+COMMANDS = {"budget": cmd_budget, "certs": cmd_certs, "keys": cmd_keys, "server": cmd_server, "client": cmd_client, "run": cmd_run}

@@ -8,6 +8,7 @@ SuperNode retrying forever. TLS and SuperNode authentication are on unless ``--i
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import psutil
 
 from fedtune import certs
 from fedtune import config as config_mod
+from fedtune.deploy import approved
 from fedtune.deploy.control import Control, flower_env, tool
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
 from fedtune.errors import FedtuneError
@@ -168,6 +170,10 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     finally:
         quiet.setLevel(level)
     check_port("127.0.0.1", s.port, "the client's local ClientApp")
+    from fedtune.deploy.lifetime import open_lifetime
+
+    # The data set's lifetime ledger: a damaged one, or this file under another data set's name, stops us here.
+    open_lifetime(s.state, s.dataset or s.name, s.data, s.budget, s.policy)
 
 
 def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSettings]:
@@ -177,6 +183,9 @@ def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSe
     # The SuperNode's SuperExec looks for a message to start a ClientApp for once a second by
     # default (flwr/supercore/superexec/run_superexec.py); every message waits for that poll.
     env = {**flower_env(Path(s.state) / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S}
+    # Our flwr-clientapp first: it refuses an app whose hash the operator did not approve (fedtune.deploy.approved).
+    env.update({"PATH": f"{approved.wrapper_dir(s.state)}{os.pathsep}{env['PATH']}",
+                approved.APPS_ENV: ",".join(s.apps), approved.NAME_ENV: s.name})
     cmd = [tool("flower-supernode", env), "--superlink", s.superlink, "--node-config", node_config_arg(s),
            "--isolation", "subprocess", "--port", str(s.port)]
     if insecure:
@@ -254,7 +263,11 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
         control = Control(Path(home), s.address, ca)
         submitted = Path(home) / "run.toml"  # the ServerApp checks it against the run folder's config.toml
         atomic_write_text(submitted, config_mod.dump_toml(cfg))
-        run_id = control.submit(app_dir(), submitted)
+        app = app_dir()
+        digest = approved.app_hash(app)
+        print(f"fedtune: app sha256 {digest}; each client runs it only once approved: "
+              f"fedtune client approve CLIENT_TOML {digest}", file=sys.stderr, flush=True)
+        run_id = control.submit(app, submitted)
         what = f"resuming after round {done}" if resume else "submitted"
         print(f"fedtune: run {run_id} {what} on {s.address}; run folder: {run_dir}", file=sys.stderr, flush=True)
         logs = control.stream_logs(run_id, run_dir / "flower.log")

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from fedtune import __version__
 from fedtune import config as config_mod
+from fedtune.deploy.policy import Policy
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_bytes
 
@@ -42,6 +43,8 @@ class LocalNode:
     model_cache: str
     allow_seeded: bool
     min_inputs: int = 3  # secure aggregation: the fewest real inputs a sum of this client's may hold
+    dataset: str = ""  # the data set's name: its lifetime ledger
+    policy: Policy = field(default_factory=Policy)
 
     def run_dir(self, cfg: config_mod.Config) -> Path:
         """This client's folder for the run: its ledger (runs/<run>/clients/<name>/ledger.jsonl)."""
@@ -59,7 +62,9 @@ def from_node_config(node_config: Mapping[str, Any]) -> LocalNode | None:
         node = LocalNode(str(node_config["fedtune-client"]), str(node_config["data-file"]),
                          float(node_config["budget"]), str(node_config["state-dir"]),
                          str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)),
-                         int(node_config.get("min-inputs", 3)))
+                         int(node_config.get("min-inputs", 3)),
+                         str(node_config.get("dataset", node_config["fedtune-client"])),
+                         Policy.from_node_config(node_config))
     except (KeyError, ValueError) as exc:
         raise FedtuneError(f"the SuperNode's node config lacks {exc}; start it with `fedtune client start`") from None
     if not node.budget > 0:

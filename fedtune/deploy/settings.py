@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune import config as config_mod
+from fedtune.deploy.policy import Policy
 from fedtune.errors import FedtuneError
 
 
@@ -86,6 +87,9 @@ class ClientSettings:
     port: int = 9094  # local port where this SuperNode serves its ClientApp processes
     allow_seeded: bool = False  # tests only: accept runs whose DP noise is seeded (no guarantee)
     min_inputs: int = 3  # under secure aggregation: refuse rounds whose sum may hold fewer real inputs
+    apps: list = field(default_factory=list)  # approved app hashes (`fedtune client approve`); others are refused
+    dataset: str = ""  # the data set's name: its lifetime ledger (every run on it spends one budget); "" = name
+    policy: Policy = field(default_factory=Policy)  # the [policy] table: the weakest run this client accepts
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -106,10 +110,18 @@ def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
 
 def load_client(path: str | Path) -> ClientSettings:
     p = Path(path).expanduser().resolve()
-    values = _table(_read_toml(p, "client config"), "client", ClientSettings, p)
+    data = _read_toml(p, "client config")
+    values = _table(data, "client", ClientSettings, p)
     for key in ("ca", "key", "data", "state", "model_cache"):
         values[key] = _path(p.parent, values.get(key, getattr(ClientSettings(), key)))
+    values["policy"] = Policy(**_table(data, "policy", Policy, p)).check(str(p)) if "policy" in data else Policy()
     s = ClientSettings(**values)
+    bad = [h for h in s.apps if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h))]
+    if bad:
+        raise FedtuneError(f"{p}: client.apps must list app hashes (64 hex digits, as `fedtune run` prints them); "
+                           f"got {bad[0]!r}")
+    if s.dataset and ("/" in s.dataset or s.dataset.startswith(".")):
+        raise FedtuneError(f"{p}: client.dataset must be a plain name such as clinic-a-2026 (got {s.dataset!r})")
     if not s.name or "/" in s.name or s.name.startswith("."):
         raise FedtuneError(f"{p}: client.name must be a plain name such as clinic-a (got {s.name!r})")
     if not s.data:
@@ -130,7 +142,8 @@ def node_config(s: ClientSettings) -> dict[str, Any]:
     """What the SuperNode passes to every ClientApp process (Flower's node config)."""
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
             "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "min-inputs": s.min_inputs,
-            "identity-key": s.key}  # signs its secure-aggregation messages (fedtune.secagg.roster)
+            "identity-key": s.key,  # signs its secure-aggregation messages (fedtune.secagg.roster)
+            "dataset": s.dataset or s.name, **s.policy.to_node_config()}
 
 
 def node_config_arg(s: ClientSettings) -> str:
