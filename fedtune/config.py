@@ -56,6 +56,7 @@ class DataSection:
     completion_field: str = "completion"
     eval_fraction: float = 0.2  # held out on every client, never trained on
     max_eval_examples: int = 0  # cap per client for evaluation speed; 0 = all
+    user_field: str = ""  # column naming the person behind each record (privacy.unit = "user")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class PrivacySection:
     budget: float = 0.0  # ε a client will spend at most; 0 = epsilon
     noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
     seed: int = -1  # tests only: seeds DP noise and sampling (recorded); -1 = OS entropy
+    unit: str = "record"  # record | user (every record with the same data.user_field at a client)
+    records_per_user: int = 4  # user unit: records of a sampled user in one step, at most
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ CHOICES = {
     "model.precision": ("auto", "fp32", "bf16"),
     "data.partition": ("natural", "iid", "dirichlet"),
     "privacy.accountant": ("rdp", "prv"),
+    "privacy.unit": ("record", "user"),
     "client_dp.accountant": ("rdp", "prv"),
     "federation.mode": ("federated", "centralized", "local"),
     "federation.aggregation": ("fedavg", "ffa", "fedsa"),
@@ -395,6 +399,7 @@ def validate(cfg: Config) -> None:
         _check(p.clip_norm > 0 and math.isfinite(p.clip_norm), f"privacy.clip_norm must be > 0 (got {p.clip_norm})")
         _check(p.budget >= 0 and math.isfinite(p.budget), f"privacy.budget must be >= 0 (got {p.budget}); 0 = privacy.epsilon")
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0 (got {p.noise_multiplier}); 0 = calibrate")
+    _check_user_unit(cfg)
     c = cfg.client_dp
     if c.enabled:
         _check(c.epsilon > 0 and math.isfinite(c.epsilon), f"client_dp.epsilon must be a finite number > 0 (got {c.epsilon})")
@@ -466,6 +471,17 @@ def _check_aggregation(cfg: Config) -> None:
            "clients send, so secure aggregation cannot compute it; use fedavg, ffa or fedsa, or turn secagg off")
     _check(not cfg.client_dp.enabled or method.client_dp, f"federation.aggregation={name} does not work with "
            "client-level DP; use fedavg, ffa or fedsa, or turn client_dp off")
+
+
+def _check_user_unit(cfg: Config) -> None:
+    p = cfg.privacy
+    _check(p.records_per_user >= 1, f"privacy.records_per_user must be >= 1 (got {p.records_per_user}): the records "
+           "of a sampled person that one step uses")
+    if p.unit == "user":
+        _check(cfg.data.user_field.strip() != "", "privacy.unit = \"user\" needs data.user_field, the column that "
+               "names the person behind each record (e.g. patient_id)")
+        _check(cfg.federation.mode != "centralized", "privacy.unit = \"user\" is per client; centralized mode pools "
+               "clients whose people could not be told apart; use federation.mode = federated or local")
 
 
 def _check_personalize(cfg: Config) -> None:

@@ -136,6 +136,8 @@ def _save_examples(path: Path, key: str, train: TokenizedData, heldout: Tokenize
         arrays[f"{part}_ids"] = np.concatenate([x.numpy() for x in data.ids])
         arrays[f"{part}_lengths"] = np.array([len(x) for x in data.ids], dtype=np.int64)
         arrays[f"{part}_starts"] = np.array(data.starts, dtype=np.int64)
+        if data.users is not None:  # user-level DP: each example's person
+            arrays[f"{part}_users"] = np.array(data.users, dtype=str)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue(), mode=0o600)  # derived from the private data: owner only
@@ -153,7 +155,9 @@ def _load_examples(path: Path, key: str) -> tuple[TokenizedData, TokenizedData, 
             if str(z["key"]) != key:
                 return None
             parts = [TokenizedData(list(torch.from_numpy(z[f"{part}_ids"]).split(z[f"{part}_lengths"].tolist())),
-                                   z[f"{part}_starts"].tolist()) for part in ("train", "heldout")]
+                                   z[f"{part}_starts"].tolist(),
+                                   z[f"{part}_users"].tolist() if f"{part}_users" in z else None)
+                     for part in ("train", "heldout")]
             return parts[0], parts[1], int(z["pad_id"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
