@@ -113,3 +113,15 @@ def check_same_unit(plan, cfg, where) -> None:
     if plan.privacy_unit != cfg.privacy.unit:
         raise FedtuneError(f"ledger {where} was planned for privacy.unit = {plan.privacy_unit!r} but the run asks for "
                            f"{cfg.privacy.unit!r}; refusing: keep the unit fixed during a run (or start a new run)")
+
+
+def check_user_plan(plan: dict) -> list[str]:
+    """`fedtune audit --verify` on a user-unit plan: the unit it names and the per-person bound it used."""
+    problems = []
+    if not str(plan.get("unit", "")).startswith("one person: every record with the same "):
+        problems.append(f"the plan is for the user unit but names its unit as {plan.get('unit')!r}")
+    if int(plan.get("records_per_user", 0)) < 1:
+        problems.append(f"the plan is for the user unit but records_per_user = {plan.get('records_per_user')!r}")
+    if plan.get("dp") and not 0 < plan["sample_rate"] <= 1:
+        problems.append(f"the plan's sample rate over people q = {plan['sample_rate']!r} is not in (0, 1]")
+    return problems
