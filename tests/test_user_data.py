@@ -129,3 +129,21 @@ def test_a_split_column_that_splits_a_person_is_refused(tmp_path):
 def test_bad_user_unit_settings_are_refused(change, message):
     with pytest.raises(FedtuneError, match=message):
         config.load(None, change)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", 'data.user_field="patient_id"'], "has no column 'patient_id' (data.user_field)"),
+    ([], "record 5 has an empty patient (data.user_field)"),
+    (["--set", "privacy.records_per_user=0"], "privacy.records_per_user must be >= 1"),
+])
+def test_bad_person_input_is_one_line_exit_2_and_trains_nothing(tmp_path, extra, message):
+    from tests.test_cli import TINY, run_cli
+
+    data = people_file(tmp_path, r4="")
+    out = tmp_path / "runs"
+    res = run_cli("simulate", TINY, "--data", data, "--set", "data.partition_by=ward", "--set", "privacy.unit=user",
+                  "--set", 'data.user_field="patient"', *extra, "--output", str(out))
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("fedtune:")]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert not out.exists() or not any(out.iterdir())
