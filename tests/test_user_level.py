@@ -160,3 +160,21 @@ def test_a_run_config_that_changes_the_unit_mid_run_is_refused(tmp_path, task_id
     reply = handle_train(_message(initial, 2), _context(weaker))
     assert reply.has_error() and "planned for privacy.unit = 'user'" in reply.error.reason
     assert len(Ledger(ledger_path(tmp_path, "client-0")).spends()) == 1
+
+
+def test_a_deployed_clients_unit_is_its_operators(tmp_path):
+    """The server's run config cannot choose the unit: the operator's person column forces the
+    user unit, and without one a run asking for the user unit is refused."""
+    from fedtune.deploy.node import LocalNode, local_config
+    from fedtune.errors import FedtuneError
+    from tests.conftest import tiny_config
+
+    node = LocalNode("clinic-a", "d.jsonl", 3.0, str(tmp_path), "", False, "patient")
+    mine = local_config(tiny_config(privacy={"unit": "record"}), node)  # a server asking for records
+    assert (mine.privacy.unit, mine.data.user_field) == ("user", "patient")
+    other = local_config(tiny_config(privacy={"unit": "user"}, data={"user_field": "ward"}), node)
+    assert other.data.user_field == "patient"  # not the server's grouping
+    plain = LocalNode("clinic-b", "d.jsonl", 3.0, str(tmp_path), "", False)
+    assert local_config(tiny_config(), plain).privacy.unit == "record"
+    with pytest.raises(FedtuneError, match=r'clinic-b refuses privacy.unit = "user": its operator chose no person column'):
+        local_config(tiny_config(privacy={"unit": "user"}, data={"user_field": "ward"}), plain)

@@ -41,6 +41,7 @@ class LocalNode:
     state_dir: str
     model_cache: str
     allow_seeded: bool
+    user_field: str = ""  # the operator's person column: user-level DP, whatever the server asks
 
     def run_dir(self, cfg: config_mod.Config) -> Path:
         """This client's folder for the run: its ledger (runs/<run>/clients/<name>/ledger.jsonl)."""
@@ -57,7 +58,8 @@ def from_node_config(node_config: Mapping[str, Any]) -> LocalNode | None:
     try:
         node = LocalNode(str(node_config["fedtune-client"]), str(node_config["data-file"]),
                          float(node_config["budget"]), str(node_config["state-dir"]),
-                         str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)))
+                         str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)),
+                         str(node_config.get("user-field", "")).strip())
     except (KeyError, ValueError) as exc:
         raise FedtuneError(f"the SuperNode's node config lacks {exc}; start it with `fedtune client start`") from None
     if not node.budget > 0:
@@ -72,7 +74,10 @@ def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
                            "guarantee would not hold; set client.allow_seeded = true only for tests")
     if cfg.audit.canaries or cfg.audit.secrets:
         raise FedtuneError(f"{node.name} refuses planted audit records (audit.canaries/secrets): they are for simulations")
-    return cfg.replace(privacy={"budget": node.budget},
+    from fedtune.privacy.user_level import operator_unit
+
+    return cfg.replace(privacy={"budget": node.budget, **operator_unit(cfg, node)},
+                       data={"user_field": node.user_field or cfg.data.user_field},
                        model={"cache_dir": node.model_cache or cfg.model.cache_dir})
 
 

@@ -85,6 +85,7 @@ class ClientSettings:
     model_cache: str = ""  # base models; default $FEDTUNE_CACHE or ~/.cache/fedtune
     port: int = 9094  # local port where this SuperNode serves its ClientApp processes
     allow_seeded: bool = False  # tests only: accept runs whose DP noise is seeded (no guarantee)
+    user_field: str = ""  # the column naming each record's person: every run then protects one person (user-level DP)
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -125,7 +126,7 @@ def load_client(path: str | Path) -> ClientSettings:
 def node_config(s: ClientSettings) -> dict[str, Any]:
     """What the SuperNode passes to every ClientApp process (Flower's node config)."""
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
-            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded}
+            "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "user-field": s.user_field}
 
 
 def node_config_arg(s: ClientSettings) -> str:

@@ -125,3 +125,15 @@ def check_user_plan(plan: dict) -> list[str]:
     if plan.get("dp") and not 0 < plan["sample_rate"] <= 1:
         problems.append(f"the plan's sample rate over people q = {plan['sample_rate']!r} is not in (0, 1]")
     return problems
+
+
+def operator_unit(cfg, node) -> dict:
+    """A deployed client's unit is its operator's: client.user_field set = one person, always;
+    unset = one record, and a run asking for the user unit is refused (its add/remove-a-person
+    guarantee does not give one record ε when a person has several)."""
+    if node.user_field:
+        return {"unit": "user"}
+    if cfg.privacy.unit == "user":
+        raise FedtuneError(f"{node.name} refuses privacy.unit = \"user\": its operator chose no person column; "
+                           "set client.user_field in client.toml to protect people, or run at privacy.unit = \"record\"")
+    return {}
