@@ -121,6 +121,7 @@ class AuditSection:
     secrets: int = 0  # Secret-Sharer secrets ("The access code of <name> is <digits>.")
     secret_digits: int = 4  # digits per secret: 10^digits candidates
     secret_repeats: int = 4  # copies of each secret in its client's training data
+    canary_records: int = 1  # records per canary, all one person's (> 1 needs privacy.unit = "user")
 
 
 @dataclass(frozen=True)
@@ -441,6 +442,9 @@ def validate(cfg: Config) -> None:
     _check(a.canary_words >= 2, f"audit.canary_words must be >= 2 (got {a.canary_words})")
     _check(1 <= a.secret_digits <= 6, f"audit.secret_digits must be in 1..6 (got {a.secret_digits})")
     _check(a.secret_repeats >= 1, f"audit.secret_repeats must be >= 1 (got {a.secret_repeats})")
+    _check(a.canary_records == 1 or (a.canary_records > 1 and cfg.privacy.unit == "user"),
+           f"audit.canary_records = {a.canary_records} plants canary people with several records, which only "
+           "privacy.unit = \"user\" protects as one; set it to 1 or use the user unit")
     f = cfg.federation
     _check(f.clients >= 1, f"federation.clients must be >= 1 (got {f.clients})")
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")

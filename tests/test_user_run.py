@@ -85,3 +85,91 @@ def test_personalization_samples_people_and_charges_the_same_ledger(user_run, ti
     assert made and all(m == (2, plan["sample_rate"]) for m in made)  # local-only and personalized: people
     spends = Ledger(ledger_path(run_dir, "client-1")).spends()
     assert len(spends) == len(before) + 1 and spends[-1]["round"] == "personalize"
+
+
+def test_canary_people_are_planted_as_one_person_with_several_records(tmp_path, tiny_path):
+    from fedtune import config
+    from fedtune.data import client_examples
+    from fedtune.errors import FedtuneError
+    from fedtune.model import load_tokenizer
+    from fedtune.privacy.empirical import plant, planted_records
+
+    cfg = user_config(people_file(tmp_path), federation={"clients": 2}, privacy={"seed": 0},
+                      audit={"canaries": 10, "canary_records": 3, "secrets": 1, "secret_repeats": 2})
+    planted = plant(cfg)
+    rows = planted_records(planted, 0, centralized=False)
+    mine = [c for c in planted["canaries"] if c["client"] == 0 and c["included"]]
+    assert mine and len([r for r in rows if r["user"].startswith("canary-")]) == 3 * len(mine)
+    train, _ = client_examples(cfg, 0, load_tokenizer(tiny_path), extra_train=rows)
+    for c in mine:
+        assert train.users.count(f"canary-{c['id']}") == 3  # one person, three records
+    assert train.users.count("secret-0") == 2
+    with pytest.raises(FedtuneError, match="audit.canary_records = 3 plants canary people with several records"):
+        config.load(None, {"audit.canaries": 10, "audit.canary_records": 3})
+
+
+CANARY_PEOPLE = """\
+[run]
+name = "{name}"
+[model]
+max_length = 64
+[data]
+source = "{data}"
+partition = "iid"
+user_field = "patient"
+[train]
+local_steps = 40
+batch_size = 8
+learning_rate = 0.003
+[privacy]
+dp = {dp}
+epsilon = 1.0
+seed = 0
+unit = "user"
+records_per_user = 3
+[federation]
+clients = 1
+rounds = 2
+[audit]
+canaries = 100
+canary_words = 6
+canary_records = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def canary_people_runs(tmp_path_factory):
+    """SmolLM2 on 10 short records of 10 patients plus 100 canary people of 3 records each, at
+    the user unit: 80 steps without DP memorize them; the same at ε = 1 must not."""
+    import textwrap
+
+    from tests.test_audit import _simulate, fedtune
+
+    base = tmp_path_factory.mktemp("canary-people")
+    data = base / "visits.jsonl"
+    data.write_text("".join(json.dumps({"text": f"visit {i}: patient is stable", "patient": f"p{i}"}) + "\n"
+                            for i in range(10)))
+    results = {}
+    for name, dp in (("no-dp", "false"), ("dp-eps1", "true")):
+        cfg = base / f"{name}.toml"
+        cfg.write_text(textwrap.dedent(CANARY_PEOPLE.format(name=name, data=data, dp=dp)))
+        folder = _simulate(base / name, str(cfg))
+        res = fedtune("audit", str(folder), "--verify", "--empirical")
+        assert res.returncode == 0, res.stdout + res.stderr
+        results[name] = json.loads((folder / "audit.json").read_text())
+    return results
+
+
+@pytest.mark.slow
+def test_canary_people_without_dp_are_found(canary_people_runs):
+    emp = canary_people_runs["no-dp"]["empirical"]
+    assert emp["one_run"]["epsilon_lower_bound"] > 1.0  # clearly above 0: the attack proves leakage
+
+
+@pytest.mark.slow
+def test_canary_people_at_epsilon_1_stay_below_the_persons_epsilon(canary_people_runs):
+    audit = canary_people_runs["dp-eps1"]
+    assert [r["level"] for r in audit["rows"]] == ["user"] and audit["problems"] == []
+    emp = audit["empirical"]
+    assert emp["accountant_epsilon"] <= 1.0
+    assert emp["one_run"]["epsilon_lower_bound"] <= emp["accountant_epsilon"] and not emp["one_run"]["violation"]
