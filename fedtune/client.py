@@ -198,13 +198,13 @@ def _error_reply(msg: Message, who: str, exc: Exception) -> Message:
     return Message(Error(code=ERROR_CODE, reason=f"{who}: {exc}"), reply_to=msg)
 
 
-def _plan(ledger: Ledger, s: ClientSetup) -> Plan:
+def _plan(ledger: Ledger, s: ClientSetup, server_round: int = 0) -> Plan:
     """The ledger's plan, or a new one written before the first round."""
     entry = ledger.plan()
     size = dataset_units(s.cfg, s.train)  # records, or people under the user unit
     if entry is not None:
         plan = Plan.from_entry(entry)
-        check_same_unit(plan, s.cfg, ledger.path)
+        check_same_unit(plan, s.cfg, ledger, server_round)
         if plan.dataset_size != size:
             raise FedtuneError(
                 f"ledger {ledger.path} was planned for {plan.dataset_size} {plan.privacy_unit}s but the client now has "
@@ -361,7 +361,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         again = _resend(s, ledger, server_round, asked, secure)
         if again is not None:
             return again
-        plan = _plan(ledger, s)
+        plan = _plan(ledger, s, server_round)
         history = ledger.history()
     except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
         return _error_reply(msg, s.name, exc)

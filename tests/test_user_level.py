@@ -158,8 +158,10 @@ def test_a_run_config_that_changes_the_unit_mid_run_is_refused(tmp_path, task_id
     assert not handle_train(_message(initial, 1), _context(cfg)).has_error()
     weaker = cfg.replace(privacy={"unit": "record"})
     reply = handle_train(_message(initial, 2), _context(weaker))
-    assert reply.has_error() and "planned for privacy.unit = 'user'" in reply.error.reason
-    assert len(Ledger(ledger_path(tmp_path, "client-0")).spends()) == 1
+    assert reply.has_error() and "planned for privacy.unit = 'user'" in reply.error.reason  # the server's log
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    assert len(ledger.spends()) == 1 and ledger.entries()[-1]["type"] == "refusal"  # and the ledger (the audit)
+    assert "planned for privacy.unit = 'user'" in ledger.entries()[-1]["reason"]
 
 
 def test_a_deployed_clients_unit_is_its_operators(tmp_path):

@@ -108,11 +108,16 @@ def combine_per_person(params, sizes: list[int]) -> None:
         p.grad_sample = summed / counts.to(gs.device, gs.dtype).view(-1, *([1] * (gs.dim() - 1)))
 
 
-def check_same_unit(plan, cfg, where) -> None:
-    """A ledger planned for one unit is never spent under another (a run config that changed it)."""
+def check_same_unit(plan, cfg, ledger, server_round) -> None:
+    """A ledger planned for one unit is never spent under another (a run config that changed it):
+    the refusal goes into the ledger, then to the server as the error's reason."""
     if plan.privacy_unit != cfg.privacy.unit:
-        raise FedtuneError(f"ledger {where} was planned for privacy.unit = {plan.privacy_unit!r} but the run asks for "
-                           f"{cfg.privacy.unit!r}; refusing: keep the unit fixed during a run (or start a new run)")
+        reason = (f"ledger {ledger.path} was planned for privacy.unit = {plan.privacy_unit!r} but the run asks for "
+                  f"{cfg.privacy.unit!r}; refusing: keep the unit fixed during a run (or start a new run)")
+        from fedtune.runfolder import now
+
+        ledger.append({"type": "refusal", "round": server_round, "reason": reason, "time": now()})
+        raise FedtuneError(reason)
 
 
 def check_user_plan(plan: dict) -> list[str]:
