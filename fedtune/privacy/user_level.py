@@ -17,12 +17,13 @@ subsampled Gaussian mechanism over people, accounted with N = the number of peop
 
 from __future__ import annotations
 
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from fedtune.errors import FedtuneError
 from fedtune.user_data import people
+
+if TYPE_CHECKING:  # torch is imported where a step needs it: the client imports this module for its SecAgg+ key stages
+    import torch
 
 RECORD_UNIT = "one training record (example) of this client's data; neighbouring data sets differ by adding or removing one record"
 
@@ -56,6 +57,7 @@ class PersonSampler:
         self.sample_rate = sample_rate
 
     def steps(self, steps: int, generator: torch.Generator) -> Iterator[list[list[int]]]:
+        import torch
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
         sampler = UniformWithReplacementSampler(num_samples=len(self.groups), sample_rate=self.sample_rate,
@@ -93,6 +95,8 @@ def combine_per_person(params, sizes: list[int]) -> None:
     """Each parameter's ``grad_sample``: one row per record -> one row per person, the mean of
     its records' rows (consecutive rows, ``sizes`` of them per person). Opacus then clips
     and noises the person's row as one sample."""
+    import torch
+
     if not sizes:
         return  # an empty step: the placeholder row carries no gradient
     counts = torch.tensor(sizes)
