@@ -34,7 +34,7 @@ from fedtune import config as config_mod  # noqa: E402
 from fedtune.cli import make_follower  # noqa: E402
 from fedtune.data import _drugreview_rows  # noqa: E402
 from fedtune.privacy import Ledger  # noqa: E402
-from fedtune.runfolder import read_json  # noqa: E402
+from fedtune.runfolder import read_json, read_jsonl  # noqa: E402
 from fedtune.simulate import simulate  # noqa: E402
 
 EPSILON, DELTA, MAX_PERSON = 8.0, 1e-5, 8
@@ -102,13 +102,15 @@ def main() -> None:
         run_dir = simulate(cfg, [], make_follower(quiet=True))
         summary = read_json(run_dir / "summary.json")
         plans = [Ledger(p).plan() for p in sorted((run_dir / "clients").glob("*/ledger.jsonl"))]
-        spent = [Ledger(p).spends()[-1]["epsilon"] for p in sorted((run_dir / "clients").glob("*/ledger.jsonl"))]
+        spends = [Ledger(p).spends() for p in sorted((run_dir / "clients").glob("*/ledger.jsonl"))]
+        spent = [s[-1]["epsilon"] if s else 0.0 for s in spends]
+        failed = sum(r.get("phase") == "train" and r.get("status") == "failed" for r in read_jsonl(run_dir / "metrics.jsonl"))
         result["points"].append({
             "label": label, "unit": cfg.privacy.unit, "epsilon": cfg.privacy.epsilon, "delta": cfg.privacy.delta,
             "epsilon_spent_max": max(spent), "sigma": [p["noise_multiplier"] for p in plans],
             "sample_rate": [p["sample_rate"] for p in plans], "dataset_size": [p["dataset_size"] for p in plans],
             "base_perplexity": summary["base_perplexity"], "final_perplexity": summary["final_perplexity"],
-            "minutes": (time.perf_counter() - t0) / 60, "run_dir": str(run_dir)})
+            "failed": failed, "minutes": (time.perf_counter() - t0) / 60, "run_dir": str(run_dir)})
         _write(result, cfg, out)
 
 
@@ -125,12 +127,12 @@ def _write(result: dict, cfg, out: Path) -> None:
         f"{result['local_steps']} local steps, train.batch_size {cfg.train.batch_size} (records per step, or people "
         f"per step at the user unit with up to {cfg.privacy.records_per_user} records each), held-out: "
         f"{result['max_eval_examples']} records per client of held-out people. Machine: {result['machine']}.", "",
-        "| run | unit | target (ε, δ) | σ per client | q per client | pooled held-out perplexity base → final | minutes |",
-        "|---|---|---|---|---|---|---|"]
+        "| run | unit | target (ε, δ) | σ per client | q per client | pooled held-out perplexity base → final "
+        "| failed client trainings | minutes |", "|---|---|---|---|---|---|---|---|"]
     for p in result["points"]:
         lines.append(f"| {p['label']} | {p['unit']} | ({p['epsilon']:.3g}, {p['delta']:.2g}) | "
                      f"{', '.join(f'{s:.3g}' for s in p['sigma'])} | {', '.join(f'{q:.3g}' for q in p['sample_rate'])} | "
-                     f"{p['base_perplexity']:.2f} → {p['final_perplexity']:.2f} | {p['minutes']:.1f} |")
+                     f"{p['base_perplexity']:.2f} → {p['final_perplexity']:.2f} | {p['failed']} | {p['minutes']:.1f} |")
     lines += ["", "Rows 2 and 3 give the same guarantee, one person at (ε, δ) = (8, 1e-5); row 1 protects only one "
               "review. Group privacy for k records: (kε, k·e^((k-1)ε)·δ), the standard bound for (ε, δ)-DP."]
     (out / "user_dp.md").write_text("\n".join(lines) + "\n")
