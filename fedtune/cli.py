@@ -246,7 +246,7 @@ def cmd_audit(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedtune.privacy.audit import run_audit
+    from fedtune.privacy.audit import SHORT_UNIT, run_audit
 
     result = run_audit(args.run_dir, verify=args.verify, empirical=args.empirical)
     console = Console()
@@ -257,7 +257,7 @@ def cmd_audit(args) -> int:
         table.add_column(col, justify="left" if col in ("ledger", "unit", "accountant") else "right")
     fmt = lambda x: "∞" if x == float("inf") else f"{x:.3g}"  # noqa: E731
     for r in result["rows"]:
-        table.add_row(r["client"], "one record" if r["level"] == "record" else "one client",
+        table.add_row(r["client"], SHORT_UNIT.get(r["level"], r["level"]),
                       fmt(r["epsilon"]) if r["dp"] else "∞ (no DP)", f"{r['delta']:g}", fmt(r["budget"]),
                       fmt(r["remaining"]), str(r["rounds_joined"]), str(r["steps"]), f"{r['sample_rate']:.4g}",
                       f"{r['noise_multiplier']:.4g}", f"{r['clip_norm']:g}", r["accountant"].upper())

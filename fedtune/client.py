@@ -36,6 +36,7 @@ from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, lo
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
+from fedtune.privacy.user_level import check_same_unit, dataset_units, unit_of
 from fedtune.runfolder import (
     atomic_write_bytes, client_dir, file_lock, kept_adapter_path, ledger_path, now, read_json, release_path, run_dir_for,
     write_json,
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from fedtune.data import TokenizedData
 
 ERROR_CODE = 1000  # Flower error code for fedtune client-side failures (reason says why)
-UNIT = "one training record (example) of this client's data; neighbouring data sets differ by adding or removing one record"
 COVERS = "the LoRA adapter weights this client sends to the server"
 NOT_COVERED = revealed.NOT_COVERED
 
@@ -202,19 +202,21 @@ def _error_reply(msg: Message, who: str, exc: Exception) -> Message:
     return Message(Error(code=ERROR_CODE, reason=f"{who}: {exc}"), reply_to=msg)
 
 
-def _plan(ledger: Ledger, s: ClientSetup) -> Plan:
+def _plan(ledger: Ledger, s: ClientSetup, server_round: int = 0) -> Plan:
     """The ledger's plan, or a new one written before the first round."""
     entry = ledger.plan()
+    size = dataset_units(s.cfg, s.train)  # records, or people under the user unit
     if entry is not None:
         plan = Plan.from_entry(entry)
-        if plan.dataset_size != len(s.train):
+        check_same_unit(plan, s.cfg, ledger, server_round)
+        if plan.dataset_size != size:
             raise FedtuneError(
-                f"ledger {ledger.path} was planned for {plan.dataset_size} records but the client now has "
-                f"{len(s.train)}; keep the data fixed during a run"
+                f"ledger {ledger.path} was planned for {plan.dataset_size} {plan.privacy_unit}s but the client now has "
+                f"{size}; keep the data fixed during a run"
             )
         return plan
-    plan = make_plan(s.cfg, len(s.train))
-    ledger.append({**plan.to_entry(), "client": s.name, "unit": UNIT, "covers": COVERS,
+    plan = make_plan(s.cfg, size)
+    ledger.append({**plan.to_entry(), "client": s.name, "unit": unit_of(s.cfg), "covers": COVERS,
                    "not_covered": NOT_COVERED, "time": now()})
     return plan
 
@@ -410,7 +412,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         again = _resend(s, ledger, server_round, asked, secure)
         if again is not None:
             return again
-        plan = _plan(ledger, s)
+        plan = _plan(ledger, s, server_round)
         history = ledger.history()
     except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
         return _error_reply(msg, s.name, exc)
@@ -452,7 +454,8 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     sampling, noise = _generators(s, server_round)
     dp = None
     if plan.dp:
-        dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
+        dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size,
+                      plan.records_per_user)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
         stats = train_round(

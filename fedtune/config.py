@@ -56,6 +56,7 @@ class DataSection:
     completion_field: str = "completion"
     eval_fraction: float = 0.2  # held out on every client, never trained on
     max_eval_examples: int = 0  # cap per client for evaluation speed; 0 = all
+    user_field: str = ""  # column naming the person behind each record (privacy.unit = "user")
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class PrivacySection:
     noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
     seed: int = -1  # tests only: seeds DP noise and sampling (recorded); -1 = OS entropy
     reveal_losses: bool = False  # under DP: send per-client train/held-out losses (not covered by DP; audited)
+    unit: str = "record"  # record | user (every record with the same data.user_field at a client)
+    records_per_user: int = 4  # user unit: records of a sampled user in one step, at most
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ class AuditSection:
     secrets: int = 0  # Secret-Sharer secrets ("The access code of <name> is <digits>.")
     secret_digits: int = 4  # digits per secret: 10^digits candidates
     secret_repeats: int = 4  # copies of each secret in its client's training data
+    canary_records: int = 1  # records per canary, all one person's (> 1 needs privacy.unit = "user")
 
 
 @dataclass(frozen=True)
@@ -212,6 +216,7 @@ CHOICES = {
     "model.precision": ("auto", "fp32", "bf16"),
     "data.partition": ("natural", "iid", "dirichlet"),
     "privacy.accountant": ("rdp", "prv"),
+    "privacy.unit": ("record", "user"),
     "client_dp.accountant": ("rdp", "prv"),
     "federation.mode": ("federated", "centralized", "local"),
     "federation.aggregation": ("fedavg", "ffa", "fedsa"),
@@ -397,6 +402,7 @@ def validate(cfg: Config) -> None:
         _check(p.clip_norm > 0 and math.isfinite(p.clip_norm), f"privacy.clip_norm must be > 0 (got {p.clip_norm})")
         _check(p.budget >= 0 and math.isfinite(p.budget), f"privacy.budget must be >= 0 (got {p.budget}); 0 = privacy.epsilon")
         _check(p.noise_multiplier >= 0, f"privacy.noise_multiplier must be >= 0 (got {p.noise_multiplier}); 0 = calibrate")
+    _check_user_unit(cfg)
     c = cfg.client_dp
     if c.enabled:
         _check(c.epsilon > 0 and math.isfinite(c.epsilon), f"client_dp.epsilon must be a finite number > 0 (got {c.epsilon})")
@@ -440,6 +446,9 @@ def validate(cfg: Config) -> None:
     _check(a.canary_words >= 2, f"audit.canary_words must be >= 2 (got {a.canary_words})")
     _check(1 <= a.secret_digits <= 6, f"audit.secret_digits must be in 1..6 (got {a.secret_digits})")
     _check(a.secret_repeats >= 1, f"audit.secret_repeats must be >= 1 (got {a.secret_repeats})")
+    _check(a.canary_records == 1 or (a.canary_records > 1 and cfg.privacy.unit == "user"),
+           f"audit.canary_records = {a.canary_records} plants canary people with several records, which only "
+           "privacy.unit = \"user\" protects as one; set it to 1 or use the user unit")
     f = cfg.federation
     _check(f.clients >= 1, f"federation.clients must be >= 1 (got {f.clients})")
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")
@@ -470,6 +479,17 @@ def _check_aggregation(cfg: Config) -> None:
            "clients send, so secure aggregation cannot compute it; use fedavg, ffa or fedsa, or turn secagg off")
     _check(not cfg.client_dp.enabled or method.client_dp, f"federation.aggregation={name} does not work with "
            "client-level DP; use fedavg, ffa or fedsa, or turn client_dp off")
+
+
+def _check_user_unit(cfg: Config) -> None:
+    p = cfg.privacy
+    _check(p.records_per_user >= 1, f"privacy.records_per_user must be >= 1 (got {p.records_per_user}): the records "
+           "of a sampled person that one step uses")
+    if p.unit == "user":
+        _check(cfg.data.user_field.strip() != "", "privacy.unit = \"user\" needs data.user_field, the column that "
+               "names the person behind each record (e.g. patient_id)")
+        _check(cfg.federation.mode != "centralized", "privacy.unit = \"user\" is per client; centralized mode pools "
+               "clients whose people could not be told apart; use federation.mode = federated or local")
 
 
 def _check_personalize(cfg: Config) -> None:

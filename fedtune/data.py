@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fedtune import user_data
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ def _partitioner(cfg, num_partitions: int):
 
 
 @functools.lru_cache(maxsize=8)
-def _client_splits(source, fields, partition, partition_by, alpha, seed, clients, eval_fraction):
+def _client_splits(source, fields, partition, partition_by, alpha, seed, clients, eval_fraction, user_field=""):
     from fedtune.config import Config, DataSection, RunSection  # cache key stays hashable
 
     cfg = Config(
@@ -199,14 +200,18 @@ def _client_splits(source, fields, partition, partition_by, alpha, seed, clients
     fixed = SPLIT_FIELD in ds.column_names  # the file says which records are held out
     if fixed:
         ds = ds.add_column(_ROW, list(range(len(ds))))
+    users = user_data.user_ids(ds, user_field, f"data {source}") if user_field else None
+    units = ds if users is None else user_data.person_level(ds, users, partition_by)  # whole people per client
     if partition == "iid":
-        ds = ds.shuffle(seed=seed)
+        units = units.shuffle(seed=seed)
     partitioner = _partitioner(cfg, clients)
-    partitioner.dataset = ds
+    partitioner.dataset = units
     splits = []
     for pid in range(clients):
         try:
             part = partitioner.load_partition(pid)
+            if users is not None:
+                part = ds.select(user_data.expand(part, users))
         except ValueError as exc:  # e.g. Dirichlet cannot give every client enough records
             raise FedtuneError(
                 f"cannot split {len(ds)} records into {clients} clients with data.partition={partition} "
@@ -218,7 +223,12 @@ def _client_splits(source, fields, partition, partition_by, alpha, seed, clients
                 f"clients with data.partition={partition}; use fewer clients or data.partition=iid"
             )
         if fixed:
+            if users is not None:
+                user_data.check_fixed_sides(part, user_field, SPLIT_FIELD, pid)
             splits.append(_fixed_split(part, pid))
+            continue
+        if users is not None:
+            splits.append(user_data.split_by_person(part, user_field, eval_fraction, seed, pid))
             continue
         part = part.shuffle(seed=seed + pid)
         n_eval = min(max(1, round(len(part) * eval_fraction)), len(part) - 1)
@@ -242,7 +252,7 @@ def _splits(cfg) -> list[tuple[Dataset, Dataset]]:
     d = cfg.data
     return _client_splits(
         d.source, (d.text_field, d.prompt_field, d.completion_field), d.partition, d.partition_by,
-        d.dirichlet_alpha, cfg.run.seed, cfg.federation.clients, d.eval_fraction,
+        d.dirichlet_alpha, cfg.run.seed, cfg.federation.clients, d.eval_fraction, d.user_field.strip(),
     )
 
 
@@ -275,7 +285,9 @@ def export_clients(cfg, out_dir: str | Path, names: list[str] | None = None) -> 
             raise FedtuneError(f"client name {name!r} is not a plain file name; use names such as clinic-a")
     paths = []
     for name, (train, heldout) in zip(names, _splits(cfg)):
-        rows = [{"prompt": r["prompt"], "completion": r["completion"], SPLIT_FIELD: side}
+        user = cfg.data.user_field.strip()  # the person column travels with the records
+        rows = [{"prompt": r["prompt"], "completion": r["completion"], SPLIT_FIELD: side,
+                 **({user: r[user]} if user else {})}
                 for side, records in zip(SPLITS, (train, heldout)) for r in records]
         path = Path(out_dir) / f"{name}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -289,10 +301,16 @@ def client_examples(cfg, client_index: int, tokenizer, extra_train: list[dict] =
     ``extra_train`` (prompt/completion records, e.g. an audit's canaries) join training only.
     """
     train_records, heldout_records = client_data(cfg, client_index)
+    field = cfg.data.user_field.strip()
+    users = [str(u).strip() for u in train_records[field]] if field else None
     if extra_train:
         train_records = {"prompt": list(train_records["prompt"]) + [r["prompt"] for r in extra_train],
                          "completion": list(train_records["completion"]) + [r["completion"] for r in extra_train]}
-    train = tokenize(train_records, tokenizer, cfg.model.max_length)
+        if users is not None:  # a planted record is its own person unless it names one
+            users += [str(r.get("user") or f"planted-{i}") for i, r in enumerate(extra_train)]
+    train = tokenize(train_records, tokenizer, cfg.model.max_length, users=users)
+    if users is not None:
+        user_data.check_split_people(train.users, users, client_name(cfg, client_index), field)
     heldout = tokenize(heldout_records, tokenizer, cfg.model.max_length)
     if len(train) == 0 or len(heldout) == 0:
         raise FedtuneError(
@@ -338,6 +356,7 @@ class TokenizedData:
 
     ids: list[torch.Tensor]
     starts: list[int]
+    users: list[str] | None = None  # each example's person (data.user_field), when the data names them
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -348,12 +367,12 @@ class TokenizedData:
         return sum(len(x) - max(s, 1) for x, s in zip(self.ids, self.starts))
 
 
-def tokenize(records: Dataset, tokenizer, max_length: int) -> TokenizedData:
+def tokenize(records: Dataset, tokenizer, max_length: int, users: list[str] | None = None) -> TokenizedData:
     """Prompt + completion + eos, truncated to ``max_length``; drops examples left with
-    no completion token to learn from."""
-    ids, starts = [], []
+    no completion token to learn from (``users``, one per record, are kept aligned)."""
+    ids, starts, kept = [], [], []
     eos = tokenizer.eos_token_id
-    for prompt, completion in zip(records["prompt"], records["completion"]):
+    for row, (prompt, completion) in enumerate(zip(records["prompt"], records["completion"])):
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
         seq = (p + c)[:max_length]
@@ -362,7 +381,8 @@ def tokenize(records: Dataset, tokenizer, max_length: int) -> TokenizedData:
             continue
         ids.append(torch.tensor(seq, dtype=torch.long))
         starts.append(start)
-    return TokenizedData(ids, starts)
+        kept.append(row)
+    return TokenizedData(ids, starts, None if users is None else [users[i] for i in kept])
 
 
 def collate(data: TokenizedData, indices, pad_id: int) -> dict[str, torch.Tensor]:

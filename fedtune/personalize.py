@@ -148,7 +148,8 @@ def _dp_plan(s):
         raise FedtuneError(f"{s.name} has no privacy ledger at {ledger.path}; DP personalization must charge it "
                            "(set personalize.dp = false for a model that is never released)")
     plan = Plan.from_entry(entry)
-    return ledger, plan, DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
+    return ledger, plan, DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size,
+                                  plan.records_per_user)  # the run's unit: a person too, under the user unit
 
 
 def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -> dict:

@@ -59,13 +59,14 @@ def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
     add_lora(load_base_model(path, torch.device("cpu")), cfg, seed=cfg.run.seed)  # weights and LoRA targets load
     from fedtune.privacy import check_affordable, make_plan
     from fedtune.privacy.client_level import make_server_plan
+    from fedtune.privacy.user_level import dataset_units
 
     sizes = {}
     for index in range(cfg.num_clients):
         train, heldout = client_examples(cfg, index, tokenizer)
         name = client_name(cfg, index)
         sizes[name] = (len(train), len(heldout))
-        check_affordable(make_plan(cfg, len(train)), name, "privacy.budget")
+        check_affordable(make_plan(cfg, dataset_units(cfg, train)), name, "privacy.budget")
         if cfg.secagg.enabled and len(train) > cfg.secagg.max_weight:
             raise FedtuneError(f"{name} has {len(train)} training records, above secagg.max_weight="
                                f"{cfg.secagg.max_weight:g} (the public bound on a client's weight); raise it")

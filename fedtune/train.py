@@ -52,6 +52,7 @@ class DPParams:
     clip_norm: float
     sample_rate: float
     expected_batch_size: int
+    records_per_user: int = 0  # > 0: one person is the unit (fedtune.privacy.user_level)
 
 
 @dataclass
@@ -102,6 +103,12 @@ def _batches(data: TokenizedData, steps: int, batch_size: int, dp: DPParams | No
         order = order[batch_size:]
 
 
+def _record_pieces(indices, physical_batch_size: int) -> tuple[list[list[int]], None]:
+    indices = [int(i) for i in indices]
+    chunk = physical_batch_size or max(1, len(indices))
+    return [indices[i:i + chunk] for i in range(0, len(indices), chunk)] or [[]], None
+
+
 def train_round(
     model, data: TokenizedData, *, steps: int, batch_size: int, learning_rate: float, weight_decay: float,
     dp: DPParams | None, device: torch.device, amp_dtype, pad_id: int,
@@ -114,16 +121,22 @@ def train_round(
     net = model
     if dp is not None:
         net, optimizer = privatize(model, optimizer, dp, noise_generator)
+    people = None
+    if dp is not None and dp.records_per_user > 0:  # user-level DP: steps of people, not records
+        from fedtune.privacy.user_level import combine_per_person, person_sampler
+
+        people = person_sampler(data, dp.records_per_user, dp.sample_rate)
     model.train()
     t0 = time.perf_counter()
     loss_sum, examples, empty = 0.0, 0, 0
     try:
-        for step, indices in enumerate(_batches(data, steps, batch_size, dp, sampling_generator)):
-            indices = [int(i) for i in indices]
-            if not indices:
+        batches = (_batches(data, steps, batch_size, dp, sampling_generator) if people is None
+                   else people.steps(steps, sampling_generator))
+        for step, indices in enumerate(batches):
+            pieces, sizes = (_record_pieces(indices, physical_batch_size) if people is None
+                             else people.pieces(indices, physical_batch_size))
+            if not pieces[0]:
                 empty += 1
-            chunk = physical_batch_size or max(1, len(indices))
-            pieces = [indices[i:i + chunk] for i in range(0, len(indices), chunk)] or [[]]
             for j, piece in enumerate(pieces):
                 if dp is not None:  # accumulate clipped per-sample grads; noise + update on the last piece
                     optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
@@ -133,6 +146,8 @@ def train_round(
                 # An empty Poisson batch still takes a (pure-noise) step, as the accountant assumes.
                 loss = seq_loss.mean() * (1.0 if piece else 0.0)
                 loss.backward()
+                if sizes is not None:  # one row per person: the mean of its records' gradients
+                    combine_per_person(optimizer.params, sizes[j])
                 optimizer.step()
                 if piece:
                     loss_sum += float(seq_loss.detach().sum())

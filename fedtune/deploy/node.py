@@ -45,6 +45,7 @@ class LocalNode:
     min_inputs: int = 3  # secure aggregation: the fewest real inputs a sum of this client's may hold
     dataset: str = ""  # the data set's name: its lifetime ledger
     policy: Policy = field(default_factory=Policy)
+    user_field: str = ""  # the operator's person column: user-level DP, whatever the server asks
 
     def run_dir(self, cfg: config_mod.Config) -> Path:
         """This client's folder for the run: its ledger (runs/<run>/clients/<name>/ledger.jsonl)."""
@@ -64,7 +65,8 @@ def from_node_config(node_config: Mapping[str, Any]) -> LocalNode | None:
                          str(node_config.get("model-cache", "")), bool(node_config.get("allow-seeded", False)),
                          int(node_config.get("min-inputs", 3)),
                          str(node_config.get("dataset", node_config["fedtune-client"])),
-                         Policy.from_node_config(node_config))
+                         Policy.from_node_config(node_config),
+                         str(node_config.get("user-field", "")).strip())
     except (KeyError, ValueError) as exc:
         raise FedtuneError(f"the SuperNode's node config lacks {exc}; start it with `fedtune client start`") from None
     if not node.budget > 0:
@@ -79,7 +81,10 @@ def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
                            "guarantee would not hold; set client.allow_seeded = true only for tests")
     if cfg.audit.canaries or cfg.audit.secrets:
         raise FedtuneError(f"{node.name} refuses planted audit records (audit.canaries/secrets): they are for simulations")
-    return cfg.replace(privacy={"budget": node.budget},
+    from fedtune.privacy.user_level import operator_unit
+
+    return cfg.replace(privacy={"budget": node.budget, **operator_unit(cfg, node)},
+                       data={"user_field": node.user_field or cfg.data.user_field},
                        model={"cache_dir": node.model_cache or cfg.model.cache_dir})
 
 
@@ -143,6 +148,8 @@ def _save_examples(path: Path, key: str, train: TokenizedData, heldout: Tokenize
         arrays[f"{part}_ids"] = np.concatenate([x.numpy() for x in data.ids])
         arrays[f"{part}_lengths"] = np.array([len(x) for x in data.ids], dtype=np.int64)
         arrays[f"{part}_starts"] = np.array(data.starts, dtype=np.int64)
+        if data.users is not None:  # user-level DP: each example's person
+            arrays[f"{part}_users"] = np.array(data.users, dtype=str)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue(), mode=0o600)  # derived from the private data: owner only
@@ -160,7 +167,9 @@ def _load_examples(path: Path, key: str) -> tuple[TokenizedData, TokenizedData, 
             if str(z["key"]) != key:
                 return None
             parts = [TokenizedData(list(torch.from_numpy(z[f"{part}_ids"]).split(z[f"{part}_lengths"].tolist())),
-                                   z[f"{part}_starts"].tolist()) for part in ("train", "heldout")]
+                                   z[f"{part}_starts"].tolist(),
+                                   z[f"{part}_users"].tolist() if f"{part}_users" in z else None)
+                     for part in ("train", "heldout")]
             return parts[0], parts[1], int(z["pad_id"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None

@@ -90,6 +90,7 @@ class ClientSettings:
     apps: list = field(default_factory=list)  # approved app hashes (`fedtune client approve`); others are refused
     dataset: str = ""  # the data set's name: its lifetime ledger (every run on it spends one budget); "" = name
     policy: Policy = field(default_factory=Policy)  # the [policy] table: the weakest run this client accepts
+    user_field: str = ""  # the column naming each record's person: every run then protects one person (user-level DP)
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -143,7 +144,8 @@ def node_config(s: ClientSettings) -> dict[str, Any]:
     return {"fedtune-client": s.name, "data-file": s.data, "budget": s.budget, "state-dir": s.state,
             "model-cache": s.model_cache, "allow-seeded": s.allow_seeded, "min-inputs": s.min_inputs,
             "identity-key": s.key,  # signs its secure-aggregation messages (fedtune.secagg.roster)
-            "dataset": s.dataset or s.name, **s.policy.to_node_config()}
+            "dataset": s.dataset or s.name, **s.policy.to_node_config(),
+            "user-field": s.user_field}
 
 
 def node_config_arg(s: ClientSettings) -> str:

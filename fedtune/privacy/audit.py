@@ -23,6 +23,7 @@ from fedtune.runfolder import (
     RUN_FILE, atomic_write_bytes, atomic_write_text, is_run_dir, read_jsonl, server_ledger_path, write_json,
 )
 
+SHORT_UNIT = {"record": "one record", "user": "one person", "client": "one client"}  # by ledger level
 RDP_TOLERANCE = 1e-3  # relative: the same RDP bound computed twice
 PRV_TOLERANCE = 0.02  # absolute: Opacus' PRV (ε error bound 0.01) against dp-accounting's PLD
 
@@ -41,7 +42,8 @@ def _row(name: str, ledger: Ledger, entries: list[dict]) -> dict:
     spends = [e for e in entries if e["type"] == "spend"]
     spent = spends[-1]["epsilon"] if spends else 0.0
     return {
-        "client": name, "level": "client" if name == "server" else "record", "unit": plan.get("unit", ""),
+        "client": name, "level": "client" if name == "server" else plan.get("privacy_unit", "record"),
+        "unit": plan.get("unit", ""),
         "dp": plan["dp"], "accountant": plan["accountant"], "delta": plan["delta"], "epsilon": spent,
         "budget": plan["budget"], "remaining": plan["budget"] - spent if plan["dp"] else math.inf,
         "rounds_joined": len(spends), "steps": sum(e["steps"] for e in spends),
@@ -62,6 +64,10 @@ def _verify(name: str, ledger: Ledger, entries: list[dict], heads: dict[tuple[st
         if plan.get("calibrated") and eps_planned > plan["target_epsilon"] * (1 + RDP_TOLERANCE) + 1e-9:
             problems.append(f"{ledger.path}:{plan_line}: σ={plan['noise_multiplier']:.4g} gives ε={eps_planned:.4f} "
                             f"over the planned {plan['planned_rounds']} rounds, above the target {plan['target_epsilon']:g}")
+    if plan.get("privacy_unit") == "user":
+        from fedtune.privacy.user_level import check_user_plan
+
+        problems += [f"{ledger.path}:{plan_line}: {p}" for p in check_user_plan(plan)]
     ddg = DDGPlan.from_dict(plan["ddg"]) if plan.get("ddg") else None
     history = []
     for line, e in enumerate(entries, 1):
@@ -140,7 +146,7 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
     if empirical:
         from fedtune.privacy.empirical import run_empirical
 
-        records = [r for r in rows if r["level"] == "record"]
+        records = [r for r in rows if r["level"] in ("record", "user")]
         eps = max((r["epsilon"] if r["dp"] else math.inf) for r in records) if records else math.inf
         delta = records[0]["delta"] if records else 1e-5
         result["empirical"] = run_empirical(run_dir, eps, delta)
@@ -159,7 +165,7 @@ def render(result: dict) -> str:
              "| ledger | unit protected | ε spent | δ | budget | remaining | rounds joined | steps | sample rate q "
              "| noise σ | clip C | accountant |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        unit = "one record" if r["level"] == "record" else "one client"
+        unit = SHORT_UNIT.get(r["level"], r["level"])
         eps = _fmt(r["epsilon"]) if r["dp"] else "∞ (no DP)"
         lines.append(f"| {r['client']} | {unit} | {eps} | {r['delta']:g} | {_fmt(r['budget'])} | {_fmt(r['remaining'])} | "
                      f"{r['rounds_joined']} | {r['steps']} | {r['sample_rate']:.4g} | {r['noise_multiplier']:.4g} | "

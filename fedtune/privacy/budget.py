@@ -24,7 +24,7 @@ def steps_per_round(cfg, dataset_size: int) -> int:
 class Plan:
     dp: bool
     noise_multiplier: float  # σ (0 without DP)
-    sample_rate: float  # q: each record joins a step's batch with this probability
+    sample_rate: float  # q: each record (each person, user unit) joins a step's batch with this probability
     steps_per_round: int
     planned_rounds: int
     clip_norm: float
@@ -35,10 +35,13 @@ class Plan:
     dataset_size: int
     calibrated: bool  # σ derived from target_epsilon (not set by hand)
     seeded: bool  # DP randomness seeded for a test: the guarantee does NOT hold
+    privacy_unit: str = "record"  # record | user (then dataset_size counts people, q samples people)
+    records_per_user: int = 0  # user unit: records of a sampled person per step, at most (0 = record unit)
 
     @classmethod
     def from_entry(cls, entry: dict) -> Plan:
-        return cls(**{k: entry[k] for k in cls.__dataclass_fields__})
+        optional = ("privacy_unit", "records_per_user")  # absent from ledgers written before the user unit
+        return cls(**{k: entry[k] for k in cls.__dataclass_fields__ if k in entry or k not in optional})
 
     def to_entry(self) -> dict:
         return {"type": "plan", **asdict(self)}
@@ -49,6 +52,7 @@ class Plan:
 
 
 def make_plan(cfg, dataset_size: int) -> Plan:
+    """``dataset_size``: the client's records, or its people under the user unit (user_level.dataset_units)."""
     p = cfg.privacy
     q = min(1.0, cfg.train.batch_size / dataset_size)
     k = steps_per_round(cfg, dataset_size)
@@ -64,6 +68,7 @@ def make_plan(cfg, dataset_size: int) -> Plan:
         clip_norm=p.clip_norm if p.dp else 0.0, delta=p.delta, accountant=p.accountant,
         target_epsilon=p.epsilon if p.dp else math.inf, budget=cfg.budget if p.dp else math.inf,
         dataset_size=dataset_size, calibrated=p.dp and p.noise_multiplier <= 0, seeded=p.dp and p.seed >= 0,
+        privacy_unit=p.unit, records_per_user=p.records_per_user if p.unit == "user" else 0,
     )
 
 

@@ -48,7 +48,7 @@ def plant(cfg) -> dict:
     rng = random.Random(cfg.run.seed) if cfg.privacy.seed >= 0 else secrets.SystemRandom()
     n = cfg.num_clients
     canaries = [
-        {"id": i, "client": i % n, "included": rng.random() < 0.5,
+        {"id": i, "client": i % n, "included": rng.random() < 0.5, "records": cfg.audit.canary_records,
          "text": " ".join(_word(rng) for _ in range(cfg.audit.canary_words))}
         for i in range(cfg.audit.canaries)
     ]
@@ -64,10 +64,12 @@ def plant(cfg) -> dict:
 def planted_records(planted: dict, client_index: int, centralized: bool) -> list[dict]:
     """Training records this client gets: its included canaries and its secrets' copies."""
     mine = (lambda item: True) if centralized else (lambda item: item["client"] == client_index)
-    rows = [{"prompt": "", "completion": c["text"]} for c in planted["canaries"] if c["included"] and mine(c)]
+    # Each canary and each secret is one person (``user``): under privacy.unit = "user" its copies are one unit.
+    rows = [{"prompt": "", "completion": c["text"], "user": f"canary-{c['id']}"}
+            for c in planted["canaries"] if c["included"] and mine(c) for _ in range(c.get("records", 1))]
     for s in planted["secrets"]:
         if mine(s):
-            rows += [{"prompt": "", "completion": s["prefix"] + s["digits"] + "."}] * s["repeats"]
+            rows += [{"prompt": "", "completion": s["prefix"] + s["digits"] + ".", "user": f"secret-{s['id']}"}] * s["repeats"]
     return rows
 
 
