@@ -216,14 +216,18 @@ def _print_result(run_dir: Path) -> None:
     import json
 
     s = json.loads((run_dir / "summary.json").read_text())
-    b, f = s.get("base_perplexity"), s.get("final_perplexity")
+    from fedtune.headline import headline
+
     print(f"run folder: {run_dir}")
-    if b is not None and f is not None:
-        print(f"held-out perplexity: base {b:.2f} -> {f:.2f} ({(f / b - 1) * 100:+.1f}%)")
+    if headline(s):
+        print(headline(s))
     for c in s.get("clients", []):
         eps = c.get("epsilon")
         eps_text = "no DP" if eps is None or eps == float("inf") else f"ε={eps:.2f}"
-        print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}")
+        if not c.get("rounds_trained"):  # "no DP" never stands for "did not train"
+            eps_text = "did not train" + (f" (ε={eps:.2f})" if eps is not None and eps != float("inf") else "")
+        print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}"
+              + (f", failures {c['failures']}" if c.get("failures") else ""))
     cl = s.get("client_level")
     if cl:
         print(f"  client-level (each client's whole data): ε={cl['epsilon']:.2f} at δ={cl['delta']:g} over {cl['rounds']} round(s)")

@@ -32,6 +32,7 @@ from fedtune import release
 from fedtune.aggregation import kept, set_trainable, shared
 from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
+from fedtune.floor import failure_reason
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.runfolder import (
@@ -399,15 +400,18 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     dp = None
     if plan.dp:
         dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
-        stats = train_round(
-            s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
-            learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
-            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
-            sampling_generator=sampling, noise_generator=noise,
-            physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
-        )
+    try:  # a failure (out of memory included) is named in the server's log and summary; nothing spent
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
+            stats = train_round(
+                s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
+                learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
+                device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
+                sampling_generator=sampling, noise_generator=noise,
+                physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
+            )
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, s.name, RuntimeError(failure_reason("training", exc)))
     state = get_adapter_state(s.m.model)
     save_kept(s.run_dir, s.name, state, method)  # fedsa: lora_B stays here for the next round
     state = shared(method, state)  # only what the method sends leaves the client
@@ -446,10 +450,13 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
     except (FedtuneError, KeyError, ValueError) as exc:
         return _error_reply(msg, "client evaluate", exc)
     t0 = time.perf_counter()
-    loss_sum, tokens = evaluate(
-        s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
-        amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
-    )
+    try:
+        loss_sum, tokens = evaluate(
+            s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
+            amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
+        )
+    except Exception as exc:  # noqa: BLE001 - named in the summary; the headline leaves this client out
+        return _error_reply(msg, s.name, RuntimeError(failure_reason("evaluation", exc)))
     mean = loss_sum / max(tokens, 1)
     return Message(RecordDict({
         "metrics": MetricRecord({

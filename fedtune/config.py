@@ -126,6 +126,7 @@ class FederationSection:
     clients: int = 4
     rounds: int = 2
     clients_per_round: int = 0  # 0 = all clients every round
+    min_clients: int = 0  # fewest clients that must train in a round, else the run fails; 0 = all selected
     round_timeout: float = 3600.0  # seconds to wait for replies
     aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B sent) | fedsa (A sent, B local)
     server_optimizer: str = "none"  # none | avgm | adam | yogi, applied to the averaged update
@@ -440,6 +441,8 @@ def validate(cfg: Config) -> None:
     _check(f.clients >= 1, f"federation.clients must be >= 1 (got {f.clients})")
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")
     _check(f.clients_per_round >= 0, "federation.clients_per_round must be >= 0 (0 = all)")
+    _check(0 <= f.min_clients <= cfg.num_clients, f"federation.min_clients must be in 0..{cfg.num_clients} (got "
+           f"{f.min_clients}); 0 = every client selected for the round")
     _check(f.round_timeout > 0, "federation.round_timeout must be > 0 seconds")
     _check(f.server_lr >= 0 and math.isfinite(f.server_lr), f"federation.server_lr must be >= 0 (got {f.server_lr}); 0 = default")
     _check(0 <= f.server_momentum < 1, f"federation.server_momentum must be in [0, 1) (got {f.server_momentum})")

@@ -26,6 +26,7 @@ from fedtune import config as config_mod
 from fedtune import resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
+from fedtune.floor import check_floor
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
@@ -88,6 +89,10 @@ def main(grid: Grid, context: Context) -> None:
         except BaseException as exc:
             update_run_file(run_dir, status="failed", finished=now(), error=f"{type(exc).__name__}: {exc}",
                             traceback=traceback.format_exc())
+            try:  # who failed and why, in summary.md too (run.json has the error in any case)
+                write_summary(run_dir)
+            except Exception:  # noqa: BLE001 - a run that failed before its first row has no summary
+                pass
             raise
         update_run_file(run_dir, status="completed", finished=now())
         write_summary(run_dir)
@@ -268,6 +273,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
         for o in outcomes:
             append_jsonl(metrics_file, {"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                         "status": o.status, "reason": o.reason, "ledger_head": o.ledger_head, **o.metrics})
+        check_floor(cfg.federation.min_clients, round_, outcomes)  # too few trained: the run fails, naming them
         if server_ledger is not None and ddg is None:  # recorded before the noisy model is saved or sent
             history = server_ledger.history() + [server_plan.round_history]
             server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),
