@@ -33,6 +33,7 @@ from fedtune.aggregation import kept, set_trainable, shared
 from fedtune.deploy.node import from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
 from fedtune.floor import failure_reason
+from fedtune.memory import physical_batch
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.runfolder import (
@@ -400,6 +401,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     dp = None
     if plan.dp:
         dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size)
+    physical = physical_batch(s.m.model, s.cfg, s.m.device)  # bounded memory for any batch size
     try:  # a failure (out of memory included) is named in the server's log and summary; nothing spent
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
@@ -408,7 +410,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
                 learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
                 device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
                 sampling_generator=sampling, noise_generator=noise,
-                physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
+                physical_batch_size=physical, on_step=on_step,
             )
     except Exception as exc:  # noqa: BLE001
         return _error_reply(msg, s.name, RuntimeError(failure_reason("training", exc)))
@@ -427,6 +429,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
         "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
         "sample-rate": plan.sample_rate, "train-seconds": stats.seconds, "threads": torch.get_num_threads(),
+        "physical-batch": physical,
         "refused": 0,
     }
     if secure:

@@ -63,7 +63,8 @@ class TrainSection:
     local_epochs: float = 0.5  # passes over the client's data per round
     local_steps: int = 0  # > 0 overrides local_epochs
     batch_size: int = 16  # expected batch size (Poisson sampling under DP)
-    physical_batch_size: int = 0  # split batches to save memory; 0 = no split
+    physical_batch_size: int = 0  # examples per forward/backward pass; 0 = as many as memory_budget_mb holds
+    memory_budget_mb: int = 0  # a client's training memory; 0 = its share of the machine (fedtune.memory)
     learning_rate: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 16
@@ -378,7 +379,9 @@ def validate(cfg: Config) -> None:
         f"train.local_epochs must be > 0 when train.local_steps is 0 (got {t.local_epochs})",
     )
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
-    _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = no split)")
+    _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = from train.memory_budget_mb)")
+    _check(t.memory_budget_mb >= 0, f"train.memory_budget_mb must be >= 0 (got {t.memory_budget_mb}); 0 = the "
+           "client's share of the machine")
     _check(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"train.learning_rate must be > 0 (got {t.learning_rate})")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {t.eval_batch_size})")
