@@ -334,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     _personalize_parser(sub)
     _data_parser(sub)
     from fedtune.deploy.cli import add_parsers
+    from fedtune.export import add_parsers as add_export_parsers
 
     add_parsers(sub)
+    add_export_parsers(sub)
     return parser
 
 
@@ -343,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.simulate import RunFailed
 
     from fedtune.deploy.cli import COMMANDS
+    from fedtune.export import COMMANDS as EXPORT_COMMANDS
 
     args = build_parser().parse_args(argv)
     try:
         commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, "data": cmd_data,
-                    **COMMANDS}
+                    **COMMANDS, **EXPORT_COMMANDS}
         return commands[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
