@@ -48,3 +48,10 @@ def failure_reason(doing: str, exc: BaseException) -> str:
     """One line for a client's failure (out of memory included): what it was doing and why."""
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
     return f"{doing} failed: {type(exc).__name__}" + (f": {first}" if first else "")
+
+
+def known_names(rows: Iterable[dict]) -> dict[int, str]:
+    """node id -> client name from a run's earlier metrics rows: a resumed server can name a
+    client that fails before it answered this server (an error reply carries no name)."""
+    return {int(r["node"]): r["client"] for r in rows
+            if "node" in r and r.get("client") and not str(r["client"]).startswith("node-")}

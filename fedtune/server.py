@@ -26,11 +26,11 @@ from fedtune import config as config_mod
 from fedtune import resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
-from fedtune.floor import check_floor
+from fedtune.floor import check_floor, known_names
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
-    RUN_FILE, adapter_dir, append_jsonl, atomic_write_text, file_lock, is_run_dir, now, read_json, run_dir_for,
+    RUN_FILE, adapter_dir, append_jsonl, atomic_write_text, file_lock, is_run_dir, now, read_json, read_jsonl, run_dir_for,
     server_ledger_path, update_run_file, versions, write_json,
 )
 from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg, Outcome, log_refusal
@@ -219,6 +219,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     else:
         strategy = AdapterFedAvg(num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
                                  template=template, local=cfg.federation.mode == "local")
+    strategy.names.update(known_names(read_jsonl(metrics_file)))  # resumed: name clients that fail at once
     wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
     tolerate_dropouts(strategy)
     timeout = cfg.federation.round_timeout
