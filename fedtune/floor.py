@@ -43,7 +43,6 @@ def check_floor(min_clients: int, round_: int, outcomes: list) -> None:
     )
 
 
-
 def failure_reason(doing: str, exc: BaseException) -> str:
     """One line for a client's failure (out of memory included): what it was doing and why."""
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""

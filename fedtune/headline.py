@@ -24,8 +24,10 @@ def same_records(evals: list[dict], final_round: int) -> dict:
     base = {r["client"]: r for r in ok if r["round"] == 0}
     final = {r["client"]: r for r in ok if r["round"] == final_round}
     both = sorted(set(base) & set(final))
-    missing = {c: "no evaluation of the final model" for c in base if c not in final}
-    missing.update({c: "no evaluation of the base model" for c in final if c not in base})
+    why = {(True, False): "no evaluation of the final model", (False, True): "no evaluation of the base model",
+           (False, False): "no evaluation of either model"}
+    everyone = {r["client"] for r in evals if r["round"] in (0, final_round)}
+    missing = {c: why[c in base, c in final] for c in everyone if c not in both}
     return {
         "base_perplexity": _pooled([base[c] for c in both]),
         "final_perplexity": _pooled([final[c] for c in both]),

@@ -106,3 +106,37 @@ def test_with_a_lowered_floor_the_headline_compares_the_same_records(tmp_path, t
     assert "client-1: did not train" in out and "failures 2" in out
     md = (run_dir / "summary.md").read_text()
     assert "not compared: client-1, no evaluation of the final model" in md and "node-" not in md
+
+
+def test_the_headline_names_a_client_that_never_evaluated():
+    from fedtune.headline import headline, same_records
+
+    def row(rnd, client, loss, tokens=10, status="ok"):
+        return {"round": rnd, "client": client, "status": status, "eval-loss-sum": loss, "eval-tokens": tokens}
+
+    evals = [row(0, "a", 30.0), row(0, "b", 20.0), row(0, "c", 0.0, status="failed"),
+             row(2, "a", 25.0), row(2, "c", 0.0, status="failed"), row(2, "b", 15.0)]
+    s = same_records(evals, 2)
+    assert s["compared_clients"] == ["a", "b"] and s["missing_clients"] == {"c": "no evaluation of either model"}
+    assert s["base_perplexity"] == pytest.approx(math.exp(2.5)) and s["final_perplexity"] == pytest.approx(math.exp(2.0))
+    assert "not compared: c (no evaluation of either model)" in headline(s)
+
+
+@pytest.mark.parametrize("statuses, floor, fails", [
+    (["ok", "ok", "refused"], 0, False),  # a refusal under the client's own budget is no failure
+    (["ok", "ok", "failed"], 0, True),  # default: every selected client
+    (["ok", "ok", "failed"], 2, False),  # a lowered floor
+    (["ok", "rejected", "failed"], 2, True),  # a rejected update did not train either
+    (["refused", "refused"], 0, False),  # everyone out of budget: the run ends normally
+    ([], 0, False),  # client-level DP sampled nobody this round
+])
+def test_the_floor(statuses, floor, fails):
+    from fedtune.floor import check_floor
+    from fedtune.strategy import Outcome
+
+    outcomes = [Outcome(i, f"client-{i}", st, reason="why" * (st != "ok")) for i, st in enumerate(statuses)]
+    if fails:
+        with pytest.raises(RoundFailed, match="client-2 \\(failed\\): why"):
+            check_floor(floor, 1, outcomes)
+    else:
+        check_floor(floor, 1, outcomes)
