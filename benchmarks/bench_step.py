@@ -116,6 +116,40 @@ def measure_memory(mode: str, cfg, threads: int) -> dict:
     return out
 
 
+def measure_bounded(cfg, threads: int, batch: int, budget: int) -> dict:
+    """Peak RSS of one DP-SGD step of logical ``batch`` with the physical batch fedtune picks
+    for a memory budget (``budget`` MB; 0 = a client's share of this machine with two clients
+    at a time, as a default simulation on two cores runs them)."""
+    from fedtune.memory import physical_batch
+    from fedtune.train import train_round
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    cfg = cfg.replace(train={"batch_size": batch, "memory_budget_mb": budget})
+    device, amp, path, tok, data, _ = setup(cfg, threads)
+    model = add_lora(load_base_model(path, device), cfg, seed=0)
+    physical = physical_batch(model, cfg, device)
+    me = psutil.Process()
+    peak, done = [me.memory_info().rss / 2**20], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.005):
+            peak[0] = max(peak[0], me.memory_info().rss / 2**20)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    plan = make_plan(cfg, len(data))
+    # sample rate batch/N: a Poisson batch of about ``batch`` examples, split into physical ones
+    stats = train_round(model, data, steps=1, batch_size=batch, learning_rate=cfg.train.learning_rate, weight_decay=0.0,
+                        dp=DPParams(plan.noise_multiplier, plan.clip_norm, batch / len(data), batch), device=device,
+                        amp_dtype=amp, pad_id=tok.pad_token_id, sampling_generator=torch.Generator().manual_seed(0),
+                        noise_generator=torch.Generator(device=device).manual_seed(1), physical_batch_size=physical)
+    done.set()
+    sampler.join()
+    return {"logical_batch": batch, "examples_drawn": stats.examples, "physical_batch": physical,
+            "memory_budget_mb": budget or "auto (2 clients at a time)", "peak_rss_mb": round(peak[0], 1),
+            "seconds": round(stats.seconds, 1)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=config_mod.Config().model.name)
@@ -123,10 +157,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = a default simulated client's share)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--memory", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--bounded", type=int, nargs=2, metavar=("BATCH", "BUDGET_MB"),
+                    help="only: peak memory of one DP step of logical BATCH under a memory budget (0 = auto); "
+                         "writes step_bounded_BATCH_BUDGET.json")
     args = ap.parse_args()
     cfg = config_mod.load(ROOT / "simulations" / "default.toml", {"model.name": args.model})
     if args.memory:
         print(json.dumps(measure_memory(args.memory, cfg, args.threads)))
+        return
+    if args.bounded:
+        result = {"model": args.model, "machine": f"{cpu_name()}, {os.cpu_count()} cores, "
+                  f"{psutil.virtual_memory().total / 2**30:.1f} GiB, torch {torch.__version__}",
+                  **measure_bounded(cfg, args.threads, *args.bounded)}
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"step_bounded_{args.bounded[0]}_{args.bounded[1]}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
         return
 
     device, amp, path, tok, data, batches = setup(cfg, args.threads)

@@ -223,14 +223,18 @@ def _print_result(run_dir: Path) -> None:
     import json
 
     s = json.loads((run_dir / "summary.json").read_text())
-    b, f = s.get("base_perplexity"), s.get("final_perplexity")
+    from fedtune.headline import headline
+
     print(f"run folder: {run_dir}")
-    if b is not None and f is not None:
-        print(f"held-out perplexity: base {b:.2f} -> {f:.2f} ({(f / b - 1) * 100:+.1f}%)")
+    if headline(s):
+        print(headline(s))
     for c in s.get("clients", []):
         eps = c.get("epsilon")
         eps_text = "no DP" if eps is None or eps == float("inf") else f"ε={eps:.2f}"
-        print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}")
+        if not c.get("rounds_trained"):  # "no DP" never stands for "did not train"
+            eps_text = "did not train" + (f" (ε={eps:.2f})" if eps is not None and eps != float("inf") else "")
+        print(f"  {c['client']}: {eps_text}, rounds trained {c.get('rounds_trained', 0)}, refusals {c.get('refusals', 0)}"
+              + (f", failures {c['failures']}" if c.get("failures") else ""))
     cl = s.get("client_level")
     if cl:
         print(f"  client-level (each client's whole data): ε={cl['epsilon']:.2f} at δ={cl['delta']:g} over {cl['rounds']} round(s)")
@@ -340,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     _personalize_parser(sub)
     _data_parser(sub)
     from fedtune.deploy.cli import add_parsers
+    from fedtune.export import add_parsers as add_export_parsers
 
     add_parsers(sub)
+    add_export_parsers(sub)
     return parser
 
 
@@ -349,11 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     from fedtune.simulate import RunFailed
 
     from fedtune.deploy.cli import COMMANDS
+    from fedtune.export import COMMANDS as EXPORT_COMMANDS
 
     args = build_parser().parse_args(argv)
     try:
         commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, "data": cmd_data,
-                    **COMMANDS}
+                    **COMMANDS, **EXPORT_COMMANDS}
         return commands[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)

@@ -34,6 +34,8 @@ from fedtune.aggregation import kept, set_trainable, shared
 from fedtune.deploy.lifetime import Lifetime, open_lifetime
 from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
+from fedtune.floor import failure_reason
+from fedtune.memory import physical_batch
 from fedtune.privacy import Ledger, Plan, check_round, epsilon, make_plan
 from fedtune.privacy.client_level import clip_update
 from fedtune.privacy.user_level import check_same_unit, dataset_units, unit_of
@@ -456,15 +458,19 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     if plan.dp:
         dp = DPParams(plan.noise_multiplier, plan.clip_norm, plan.sample_rate, s.cfg.train.batch_size,
                       plan.records_per_user)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
-        stats = train_round(
-            s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
-            learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
-            device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
-            sampling_generator=sampling, noise_generator=noise,
-            physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step,
-        )
+    physical = physical_batch(s.m.model, s.cfg, s.m.device)  # bounded memory for any batch size
+    try:  # a failure (out of memory included) is named in the server's log and summary; nothing spent
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")  # frozen inputs: expected
+            stats = train_round(
+                s.m.model, s.train, steps=plan.steps_per_round, batch_size=s.cfg.train.batch_size,
+                learning_rate=s.cfg.train.learning_rate, weight_decay=s.cfg.train.weight_decay, dp=dp,
+                device=s.m.device, amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
+                sampling_generator=sampling, noise_generator=noise,
+                physical_batch_size=physical, on_step=on_step,
+            )
+    except Exception as exc:  # noqa: BLE001
+        return _error_reply(msg, s.name, RuntimeError(failure_reason("training", exc)))
     state = get_adapter_state(s.m.model)
     save_kept(s.run_dir, s.name, state, method)  # fedsa: lora_B stays here for the next round
     state = shared(method, state)  # only what the method sends leaves the client
@@ -482,6 +488,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
         "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,
         "sample-rate": plan.sample_rate, "train-seconds": stats.seconds, "threads": torch.get_num_threads(),
+        "physical-batch": physical,
         "refused": 0,
     }
     metrics = revealed.train_metrics(metrics, dp=plan.dp, secure=secure, reveal_losses=s.cfg.privacy.reveal_losses)
@@ -507,10 +514,13 @@ def handle_evaluate(msg: Message, context: Context) -> Message:
         return Message(RecordDict({"metrics": MetricRecord({"eval-withheld": 1}),
                                    "client": ConfigRecord({"name": s.name})}), reply_to=msg)
     t0 = time.perf_counter()
-    loss_sum, tokens = evaluate(
-        s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
-        amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
-    )
+    try:
+        loss_sum, tokens = evaluate(
+            s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
+            amp_dtype=s.m.amp_dtype, pad_id=s.pad_id,
+        )
+    except Exception as exc:  # noqa: BLE001 - named in the summary; the headline leaves this client out
+        return _error_reply(msg, s.name, RuntimeError(failure_reason("evaluation", exc)))
     mean = loss_sum / max(tokens, 1)
     return Message(RecordDict({
         "metrics": MetricRecord({

@@ -64,7 +64,8 @@ class TrainSection:
     local_epochs: float = 0.5  # passes over the client's data per round
     local_steps: int = 0  # > 0 overrides local_epochs
     batch_size: int = 16  # expected batch size (Poisson sampling under DP)
-    physical_batch_size: int = 0  # split batches to save memory; 0 = no split
+    physical_batch_size: int = 0  # examples per forward/backward pass; 0 = as many as memory_budget_mb holds
+    memory_budget_mb: int = 0  # a client's training memory; 0 = its share of the machine (fedtune.memory)
     learning_rate: float = 5e-3
     weight_decay: float = 0.0
     eval_batch_size: int = 16
@@ -132,6 +133,7 @@ class FederationSection:
     clients: int = 4
     rounds: int = 2
     clients_per_round: int = 0  # 0 = all clients every round
+    min_clients: int = 0  # fewest clients that must train in a round, else the run fails; 0 = all selected
     round_timeout: float = 3600.0  # seconds to wait for replies
     aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B sent) | fedsa (A sent, B local)
     server_optimizer: str = "none"  # none | avgm | adam | yogi, applied to the averaged update
@@ -384,7 +386,9 @@ def validate(cfg: Config) -> None:
         f"train.local_epochs must be > 0 when train.local_steps is 0 (got {t.local_epochs})",
     )
     _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
-    _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = no split)")
+    _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = from train.memory_budget_mb)")
+    _check(t.memory_budget_mb >= 0, f"train.memory_budget_mb must be >= 0 (got {t.memory_budget_mb}); 0 = the "
+           "client's share of the machine")
     _check(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"train.learning_rate must be > 0 (got {t.learning_rate})")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {t.eval_batch_size})")
@@ -453,6 +457,8 @@ def validate(cfg: Config) -> None:
     _check(f.clients >= 1, f"federation.clients must be >= 1 (got {f.clients})")
     _check(f.rounds >= 1, f"federation.rounds must be >= 1 (got {f.rounds})")
     _check(f.clients_per_round >= 0, "federation.clients_per_round must be >= 0 (0 = all)")
+    _check(0 <= f.min_clients <= cfg.num_clients, f"federation.min_clients must be in 0..{cfg.num_clients} (got "
+           f"{f.min_clients}); 0 = every client selected for the round")
     _check(f.round_timeout > 0, "federation.round_timeout must be > 0 seconds")
     _check(f.server_lr >= 0 and math.isfinite(f.server_lr), f"federation.server_lr must be >= 0 (got {f.server_lr}); 0 = default")
     _check(0 <= f.server_momentum < 1, f"federation.server_momentum must be in [0, 1) (got {f.server_momentum})")

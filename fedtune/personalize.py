@@ -127,13 +127,15 @@ def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
 
         on_step = ditto_pull
 
+    from fedtune.memory import physical_batch
+
     sampling, noise = _generators(s, s.cfg.federation.rounds + 1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         train_round(s.m.model, s.train, steps=steps, batch_size=s.cfg.train.batch_size, learning_rate=p.lr,
                     weight_decay=s.cfg.train.weight_decay, dp=dp, device=s.m.device, amp_dtype=s.m.amp_dtype,
                     pad_id=s.pad_id, sampling_generator=sampling, noise_generator=noise,
-                    physical_batch_size=s.cfg.train.physical_batch_size, on_step=on_step)
+                    physical_batch_size=physical_batch(s.m.model, s.cfg, s.m.device), on_step=on_step)
     return get_adapter_state(s.m.model)
 
 

@@ -7,6 +7,8 @@ import math
 import tomllib
 from pathlib import Path
 
+from fedtune.floor import FAILED
+from fedtune.headline import same_records
 from fedtune.privacy import Ledger
 from fedtune.runfolder import atomic_write_bytes, atomic_write_text, read_json, read_jsonl, server_ledger_path, write_json
 
@@ -59,9 +61,15 @@ def summarize(run_dir: Path) -> dict:
                      covers=plan.get("covers"), not_covered=plan.get("not_covered"),
                      epsilon=spends[-1]["epsilon"] if spends else 0.0)
             c.setdefault("train_records", plan.get("dataset_size"))
+    same = same_records([r for r in rows if r["phase"] == "evaluate"], final.get("round", 0))
     base_ppl, final_ppl = base.get("perplexity"), final.get("perplexity")
+    if same["missing_clients"]:  # not the pooled round rows: those cover different records
+        base_ppl, final_ppl = same["base_perplexity"], same["final_perplexity"]
     change = (final_ppl / base_ppl - 1.0) if base_ppl and final_ppl else None
+    failures = [{k: r.get(k) for k in ("round", "phase", "client", "status", "reason")}
+                for r in rows if r["phase"] in ("train", "evaluate") and r.get("status") in FAILED]
     return {
+        **same, "failures": failures,
         "run": run, "config": cfg, "rounds": rounds, "clients": sorted(clients.values(), key=lambda c: c["client"]),
         # the config says so even when the clients' ledgers are elsewhere (deployment)
         "seeded": cfg["privacy"].get("seed", -1) >= 0 or any(c.get("seeded") for c in clients.values()),
@@ -116,6 +124,18 @@ def _plot(s: dict, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _failures(s: dict) -> list[str]:
+    """Every client that failed or was rejected, with its reason, and the run's error."""
+    lines = []
+    if s["run"].get("status") == "failed":
+        lines += [f"**The run failed:** {s['run'].get('error', 'see flower.log')}", ""]
+    if s.get("failures"):
+        lines += ["## Failures", "", "| round | phase | client | status | reason |", "|---|---|---|---|---|"]
+        lines += [f"| {f['round']} | {f['phase']} | {f['client']} | {f['status']} | {f['reason']} |" for f in s["failures"]]
+        lines.append("")
+    return lines
+
+
 def render(s: dict) -> str:
     cfg, run = s["config"], s["run"]
     p, f = cfg["privacy"], cfg["federation"]
@@ -137,10 +157,15 @@ def render(s: dict) -> str:
     if b is not None and fin is not None:
         lastround = s["rounds"][-1]["round"]
         what = "lower" if fin < b else "higher"
+        missing = s.get("missing_clients") or {}
+        over = (f"the {len(s['compared_clients'])} client(s) that evaluated both models ({s['compared_tokens']} tokens;"
+                f" not compared: {', '.join(f'{c}, {why}' for c, why in missing.items())})" if missing
+                else "every client's held-out records (pooled)")
         lines += ["## Result", "",
-                  f"Held-out perplexity over every client's held-out records (pooled): base model **{b:.2f}** → "
+                  f"Held-out perplexity over {over}: base model **{b:.2f}** → "
                   f"**{fin:.2f}** after round {lastround}, {abs(ch) * 100:.1f}% {what} than the base model.", "",
                   f"![held-out perplexity per round]({PLOT})", ""]
+    lines += _failures(s)
     lines += ["| round | perplexity | held-out loss | clients trained | refused | failed/rejected | seconds |",
               "|---|---|---|---|---|---|---|"]
     for r in s["rounds"]:

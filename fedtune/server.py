@@ -26,10 +26,11 @@ from fedtune import config as config_mod
 from fedtune import names, receipts, resume
 from fedtune.aggregation import ServerOptimizer, server_optimizer, shared
 from fedtune.errors import FedtuneError
+from fedtune.floor import check_floor, known_names
 from fedtune.model import add_lora, get_adapter_state, load_base_model, resolve_model, save_adapter
 from fedtune.report import write_summary
 from fedtune.runfolder import (
-    RUN_FILE, adapter_dir, append_jsonl, atomic_write_text, file_lock, is_run_dir, now, read_json, run_dir_for,
+    RUN_FILE, adapter_dir, append_jsonl, atomic_write_text, file_lock, is_run_dir, now, read_json, read_jsonl, run_dir_for,
     server_ledger_path, update_run_file, versions, write_json,
 )
 from fedtune.strategy import AdapterFedAvg, ClientDPFedAvg, Outcome, log_refusal
@@ -88,6 +89,10 @@ def main(grid: Grid, context: Context) -> None:
         except BaseException as exc:
             update_run_file(run_dir, status="failed", finished=now(), error=f"{type(exc).__name__}: {exc}",
                             traceback=traceback.format_exc())
+            try:  # who failed and why, in summary.md too (run.json has the error in any case)
+                write_summary(run_dir)
+            except Exception:  # noqa: BLE001 - a run that failed before its first row has no summary
+                pass
             raise
         update_run_file(run_dir, status="completed", finished=now())
         write_summary(run_dir)
@@ -215,6 +220,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
     else:
         strategy = AdapterFedAvg(num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
                                  template=template, local=cfg.federation.mode == "local")
+    strategy.names.update(known_names(read_jsonl(metrics_file)))  # resumed: name clients that fail at once
     wait_for_nodes(grid, cfg.num_clients, cfg.federation.round_timeout)
     tolerate_dropouts(strategy)
     timeout = cfg.federation.round_timeout
@@ -273,6 +279,7 @@ def run(grid: Grid, cfg: config_mod.Config, run_dir: Path) -> None:
             append_jsonl(metrics_file, receipts.row({"round": round_, "phase": "train", "client": o.client, "node": o.node,
                                                      "status": o.status, "reason": o.reason,
                                                      "ledger_head": o.ledger_head}, o.metrics))
+        check_floor(cfg.federation.min_clients, round_, outcomes)  # too few trained: the run fails, naming them
         if server_ledger is not None and ddg is None:  # recorded before the noisy model is saved or sent
             history = server_ledger.history() + [server_plan.round_history]
             server_ledger.append({"type": "spend", "round": round_, "steps": 1, "sampled": len(strategy.sampled),

@@ -43,11 +43,14 @@ def log_refusal(client: str, server_round: int, reason: str) -> None:
     log(WARNING, "fedtune: client %s refused round %d: %s", client, server_round, reason)
 
 
-def _client_name(msg: Message) -> str:
+def _client_name(msg: Message, seen: dict[int, str] | None = None) -> str:
+    """The name a client reports (never a path outside the run folder); for an error reply
+    (no content), the name it reported before."""
     node = msg.metadata.src_node_id
+    known = (seen or {}).get(node, f"node-{node}")
     if not msg.has_error() and "client" in msg.content.config_records:
-        return names.reported(msg.content["client"].get("name"), node)  # never a path outside the run folder
-    return f"node-{node}"
+        return names.reported(msg.content["client"].get("name", known), node)
+    return known
 
 
 def check_update(content: RecordDict, template: dict[str, tuple[int, ...]]) -> str:
@@ -114,7 +117,7 @@ class AdapterFedAvg(FedAvg):
         first (or on the order a restarted server sampled the clients in)."""
         self.outcomes, accepted = [], []
         for msg in sorted(replies, key=lambda m: (_client_name(m), m.metadata.src_node_id)):
-            node, name = msg.metadata.src_node_id, _client_name(msg)
+            node, name = msg.metadata.src_node_id, _client_name(msg, self.names)
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
                 continue
@@ -162,7 +165,7 @@ class AdapterFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         self.outcomes = []
         for msg in replies:
-            node, name = msg.metadata.src_node_id, _client_name(msg)
+            node, name = msg.metadata.src_node_id, _client_name(msg, self.names)
             if msg.has_error():
                 self.outcomes.append(Outcome(node, name, "failed", reason=_first_line(msg.error.reason)))
                 log(WARNING, "%s failed to evaluate in round %d: %s", name, server_round, self.outcomes[-1].reason)

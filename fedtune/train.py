@@ -138,17 +138,21 @@ def train_round(
             if not pieces[0]:
                 empty += 1
             for j, piece in enumerate(pieces):
+                last = j == len(pieces) - 1
                 if dp is not None:  # accumulate clipped per-sample grads; noise + update on the last piece
-                    optimizer.signal_skip_step(do_skip=j < len(pieces) - 1)
-                optimizer.zero_grad(set_to_none=True)
+                    optimizer.signal_skip_step(do_skip=not last)
+                if dp is not None or j == 0:  # without DP the pieces' gradients add up in .grad
+                    optimizer.zero_grad(set_to_none=True)
                 batch = collate(data, piece, pad_id) if piece else _dummy_batch(pad_id)
                 seq_loss = per_sequence_loss(forward_logits(net, batch, device, amp_dtype), batch["labels"].to(device))
-                # An empty Poisson batch still takes a (pure-noise) step, as the accountant assumes.
-                loss = seq_loss.mean() * (1.0 if piece else 0.0)
+                # An empty Poisson batch still takes a (pure-noise) step, as the accountant assumes. Without
+                # DP each piece weighs its share of the batch (1.0 when unsplit: the same step as before).
+                loss = seq_loss.mean() * ((1.0 if piece else 0.0) if dp is not None else len(piece) / len(indices))
                 loss.backward()
                 if sizes is not None:  # one row per person: the mean of its records' gradients
                     combine_per_person(optimizer.params, sizes[j])
-                optimizer.step()
+                if dp is not None or last:
+                    optimizer.step()
                 if piece:
                     loss_sum += float(seq_loss.detach().sum())
                     examples += len(piece)

@@ -19,12 +19,13 @@ from tests.deployment import Federation, cli, wait_for
 pytestmark = pytest.mark.slow
 
 # SecAgg+ with 3 clients has 2 neighbours each and needs threshold 2 (> half), so one
-# dropout leaves too few shares and the round aborts safely; with 4 it survives.
+# dropout leaves too few shares and the round aborts safely; with 4 it survives (a floor of 3
+# clients a round: by default a round needs every selected client, see fedtune/floor.py).
 NAMES = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
 VICTIM = "clinic-d"
 RUN = {"run": {"name": "e2e"}, "model": {"name": "tiny-random-llama", "max_length": 256, "precision": "fp32"},
        "train": {"local_steps": 3, "batch_size": 8, "learning_rate": 0.01, "threads": 1},
-       "data": {"max_eval_examples": 8}, "federation": {"clients": 4, "rounds": 2, "round_timeout": 600.0},
+       "data": {"max_eval_examples": 8}, "federation": {"clients": 4, "rounds": 2, "round_timeout": 600.0, "min_clients": 3},
        "secagg": {"enabled": True}}
 
 
