@@ -61,7 +61,8 @@ def _task(monkeypatch, message, context, fab_bytes, pushed):
 
     monkeypatch.setattr("flwr.cli.install.install_from_fab", no_install)
     monkeypatch.setattr(worker, "_task_client", lambda address, token: Client())
-    monkeypatch.setattr(rc, "pull_task_input", lambda client: (message, context, _Run(), Fab("ab" * 32, fab_bytes, {})))
+    monkeypatch.setattr(worker, "pull_task_input", lambda client: (message, context, _Run(), Fab("ab" * 32, fab_bytes, {}),
+                                                                 time.time()))
     monkeypatch.setattr(rc, "push_message", lambda client, reply, ctx: pushed.append(reply))
     monkeypatch.setattr(rc, "push_task_output", lambda **kw: pushed.append(kw["sub_status"]))
 

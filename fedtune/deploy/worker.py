@@ -4,7 +4,7 @@ Flower's SuperNode in ``--isolation process`` mode holds the messages and serves
 its local Runtime (ClientAppIo) API; it starts no executor of its own. This worker takes
 the executor's place: it acquires a task the way ``flower-superexec`` does (authenticated
 with the SuperExec secret only ``fedtune client start`` and this process know), pulls the
-message, context, run and FAB with Flower's own ``pull_task_input``, and runs fedtune's
+message, context, run and FAB with Flower's own client functions, and runs fedtune's
 handlers from the client's installed fedtune in this process, so the imports, the base
 model with LoRA and the tokenized data stay loaded across messages and runs. The FAB's
 bytes are handed to ``check_app`` (the approval hook) and never written, installed or
@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 import time
+from datetime import datetime, timezone
 from typing import Callable
 
 from flwr.app import Context, Error, Message
@@ -29,6 +30,7 @@ from fedtune.errors import FedtuneError
 
 log = logging.getLogger("fedtune.worker")
 POLL_S = 0.05  # seconds between asks for a task when idle (a local HTTP call)
+PULL_RETRY_S = 0.02  # retry period for an object the SuperNode has not stored yet (Flower: 1 s, doubling)
 REFUSED = 1001  # Flower error code of a message the worker refuses before any handler runs
 
 
@@ -87,22 +89,73 @@ def _heartbeat(client) -> Callable[[], bool]:
     return beat
 
 
-def run_task(app: ClientApp, address: str, token: str, check: Callable = check_app) -> None:
+def kind(message: Message) -> str:
+    """evaluate, train, or the SecAgg+ stage a train message names."""
+    from fedtune.secagg.flower import STAGE
+
+    config = message.content.config_records.get("config", {})
+    return str(config[STAGE]) if STAGE in config else message.metadata.message_type
+
+
+def _since(pending_at: str) -> float:
+    """Seconds since ``pending_at``, when the SuperNode stored the message (Flower's task timestamp)."""
+    try:
+        return (datetime.now(timezone.utc) - datetime.fromisoformat(pending_at)).total_seconds()
+    except (ValueError, TypeError):  # none given (tests) or not Flower's aware ISO time
+        return float("nan")
+
+
+def pull_task_input(client):
+    """(message, context, run, fab, time it was whole) of the acquired task: Flower's own
+    ``pull_task_input`` (flwr/supernode/runtime/run_clientapp.py), except that an object the
+    SuperNode is still fetching from the SuperLink is asked for again every 20 ms (Flower
+    backs off from 1 s): the SuperNode announces a task before it holds the message's objects."""
+    from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+    from flwr.proto.node_pb2 import Node
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
+    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+        make_confirm_message_received_fn_protobuf, make_pull_object_fn_protobuf,
+    )
+    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+    from flwr.supercore.task_identity import TaskIdentity
+
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = res.task_id, res.run.run_id, res.context.node_id
+    context, run, fab = context_from_proto(res.context), run_from_proto(res.run), fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("no message for this task")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    pull, received = make_pull_object_fn_protobuf(client.PullObject, node, context.run_id), [time.time()]
+
+    def timed_pull(object_id: str) -> bytes:
+        content = pull(object_id)
+        received[0] = max(received[0], time.time())  # the last object in: the message is whole at the SuperNode
+        return content
+
+    message = pull_and_inflate_object_from_tree(
+        tree, timed_pull, make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message, initial_backoff=PULL_RETRY_S, backoff_cap=PULL_RETRY_S)
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the pulled object
+    return message, context, run, fab, received[0]
+
+
+def run_task(app: ClientApp, address: str, token: str, check: Callable = check_app, pending_at: str = "") -> None:
     """Pull one task's message, handle it in this process, push the reply and the context."""
     from flwr.common.constant import SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender
-    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
     client = _task_client(address, token)
     beats = HeartbeatSender(_heartbeat(client))
     beats.start()
     context, status, details = None, SubStatus.FAILED, "the client worker failed"
     try:
-        message, context, run, fab = pull_task_input(client)
-        t0 = time.perf_counter()
+        message, context, run, fab, whole = pull_task_input(client)
+        announced, arrived, t0 = _since(pending_at), time.time() - whole, time.perf_counter()
         reply = handle(app, message, context, run, fab, check)
-        log.info("fedtune: %s message of run %s handled in %.2f s", message.metadata.message_type, run.run_id,
-                 time.perf_counter() - t0)
+        log.info("fedtune: %s message of run %s: handler started %.3f s after its arrival (%.3f s after the SuperNode "
+                 "announced it), done in %.2f s", kind(message), run.run_id, arrived, announced, time.perf_counter() - t0)
         push_message(client, reply, context)
         status, details = SubStatus.COMPLETED, ""
     finally:
@@ -136,7 +189,7 @@ def serve(address: str, secret: bytes, check: Callable = check_app) -> None:
             time.sleep(POLL_S)
             continue
         try:
-            run_task(app, address, res.token, check)
+            run_task(app, address, res.token, check, res.task.pending_at)
         except Exception:  # noqa: BLE001 - a lost task (SuperNode restarted, task expired) is not ours to die for
             log.exception("fedtune: task %s failed", res.task.task_id)
 
