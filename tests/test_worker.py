@@ -23,7 +23,7 @@ from fedtune.runfolder import ledger_path
 from tests.conftest import ROOT, tiny_config
 from tests.deployment import write_data
 from tests.test_client import initial  # noqa: F401 - fixture
-from tests.test_deploy import _context_of, _deployed, _rows
+from tests.test_deploy import _context_of, _deployed, _error, _rewrite, _rows, fed  # noqa: F401 - fixture
 
 EVIL = "import pathlib; pathlib.Path({marker!r}).write_text('the app package ran on the client')\n"
 
@@ -196,3 +196,25 @@ def test_a_worker_that_cannot_start_stops_the_client_with_code_2(tmp_path):
     sup = Supervisor(node, [sys.executable, "-c", "raise SystemExit(2)"], {}, str(tmp_path), stop_tree)
     assert sup.run(poll=0.05) == 2
     assert sup.node.poll() is not None
+
+
+# ---- bad input at start-up: one line, exit code 2 ------------------------------------------
+def test_client_start_without_its_model_cache_says_so(fed, capsys):  # noqa: F811
+    root, _, client = fed
+    _rewrite(root / "client.toml", "client", {**client, "model_cache": "no-such-cache"})
+    assert "model cache folder" in _error(capsys, ["client", "start", str(root / "client.toml")])
+
+
+@pytest.mark.parametrize("gone", ["data", "model-cache"])
+def test_a_restarted_worker_whose_data_or_cache_is_gone_exits_2_in_one_line(tmp_path, gone):
+    (tmp_path / "secret").write_bytes(b"s" * 32)
+    write_data(tmp_path / "data.jsonl", _rows(2))
+    (tmp_path / "cache").mkdir()
+    paths = {"data": tmp_path / "data.jsonl", "model-cache": tmp_path / "cache"}
+    paths[gone] = tmp_path / "gone"
+    res = subprocess.run([sys.executable, "-m", "fedtune.deploy.worker", "--runtime-api", "127.0.0.1:1",
+                          "--secret-file", str(tmp_path / "secret"), "--data", str(paths["data"]),
+                          "--model-cache", str(paths["model-cache"])], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.stderr.startswith("fedtune: the client worker cannot start: ") and str(tmp_path / "gone") in res.stderr

@@ -22,7 +22,7 @@ from fedtune import certs
 from fedtune import config as config_mod
 from fedtune.deploy.control import Control, flower_env, tool
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
-from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, new_secret, supernode_args, worker_command
+from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
 from fedtune.errors import FedtuneError
 from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
@@ -158,6 +158,7 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     if not insecure:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
+    check_paths(s.data, s.model_cache)
     d = config_mod.Config().data
     quiet = logging.getLogger("datasets")  # it logs a traceback for a malformed file; our one line says it
     level, quiet.level = quiet.level, logging.CRITICAL + 1
@@ -191,7 +192,8 @@ def start_client(path: str, insecure: bool) -> int:
           f"ledgers in {s.state}/runs)", file=sys.stderr, flush=True)
     deadline = time.monotonic() + REJECTED_RETRY_S
     while True:
-        code = Supervisor(cmd, worker_command(s.port, Path(s.state) / SECRET_FILE), env, s.state, stop_tree).run()
+        worker = worker_command(s.port, Path(s.state) / SECRET_FILE, s.data, s.model_cache)
+        code = Supervisor(cmd, worker, env, s.state, stop_tree).run()
         if code == 0 or code >= 128 or time.monotonic() > deadline:  # done, signalled, or not a start-up refusal
             break
         time.sleep(5.0)  # a server that just started may not have registered our key yet

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_bytes
 
 SECRET_FILE = "superexec.secret"
@@ -30,9 +31,17 @@ def new_secret(state: str | Path) -> Path:
     return path
 
 
-def worker_command(port: int, secret: Path) -> list[str]:
+def worker_command(port: int, secret: Path, data: str, model_cache: str) -> list[str]:
     return [sys.executable, "-m", "fedtune.deploy.worker", "--runtime-api", f"127.0.0.1:{port}",
-            "--secret-file", str(secret)]
+            "--secret-file", str(secret), "--data", data, "--model-cache", model_cache]
+
+
+def check_paths(data: str, model_cache: str) -> None:
+    """What the worker needs on disk at every (re)start, else one line naming the fix."""
+    if model_cache and not Path(model_cache).is_dir():
+        raise FedtuneError(f"model cache folder {model_cache} not found; create it or fix client.model_cache")
+    if not Path(data).is_file():
+        raise FedtuneError(f"data file {data} is gone; put it back or fix client.data, then start the client again")
 
 
 def supernode_args(secret: Path) -> list[str]:

@@ -209,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="fedtune's long-lived client worker (started by `fedtune client start`)")
     ap.add_argument("--runtime-api", required=True, help="the SuperNode's Runtime API, host:port")
     ap.add_argument("--secret-file", required=True, help="the SuperExec secret shared with the SuperNode")
+    ap.add_argument("--data", required=True, help="the client's data file (client.data)")
+    ap.add_argument("--model-cache", default="", help="the client's model cache (client.model_cache)")
     args = ap.parse_args(argv)
+    from fedtune.deploy.supervisor import check_paths
+
+    try:
+        check_paths(args.data, args.model_cache)
+    except FedtuneError as exc:
+        print(f"fedtune: the client worker cannot start: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
