@@ -135,7 +135,8 @@ def pull_task_input(client):
 
     message = pull_and_inflate_object_from_tree(
         tree, timed_pull, make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message, initial_backoff=PULL_RETRY_S, backoff_cap=PULL_RETRY_S)
+        return_type=Message, initial_backoff=PULL_RETRY_S, backoff_cap=PULL_RETRY_S,
+        max_tries_per_object=None)  # Flower's 500 tries would give up after 10 s; its 2 h limit stays
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower does: not part of the pulled object
     return message, context, run, fab, received[0]
 
