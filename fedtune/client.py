@@ -414,6 +414,9 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         again = _resend(s, ledger, server_round, asked, secure)
         if again is not None:
             return again
+        if any(e["type"] == "spend" and e.get("request") == asked for e in ledger.entries()):
+            raise FedtuneError(f"round {server_round} with this adapter was paid for, but the client stopped before "
+                               "keeping its update; it will not pay for it again (the round goes on without it)")
         plan = _plan(ledger, s, server_round)
         history = ledger.history()
     except FedtuneError as exc:  # damaged ledger: never train without knowing what was spent
@@ -483,7 +486,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
     entry = ledger.append({"type": "spend", "round": server_round, "steps": plan.steps_per_round,
                            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
                            "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
-                           "epsilon": spent, "dp": plan.dp, "time": now()})
+                           "epsilon": spent, "dp": plan.dp, "request": asked, "time": now()})
     metrics = {
         "num-examples": len(s.train), "train-loss": stats.loss, "epsilon": spent,
         "steps": stats.steps, "empty-steps": stats.empty_steps, "noise-multiplier": plan.noise_multiplier,

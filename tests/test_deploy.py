@@ -4,6 +4,7 @@ keys and the client's own settings are what Flower and the operator need."""
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -181,7 +182,9 @@ def test_client_command_is_secure_by_default(fed):
 
     root, _, _ = fed
     cmd, env, s = client_command(str(root / "client.toml"), insecure=False)
-    assert "--insecure" not in cmd and float(env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"]) < 1  # Flower's default: 1 s
+    assert "--insecure" not in cmd and cmd[cmd.index("--isolation") + 1] == "process"  # fedtune's worker runs messages
+    secret = Path(cmd[cmd.index("--superexec-auth-secret-file") + 1])
+    assert secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32  # only the worker takes tasks
     assert cmd[cmd.index("--root-certificates") + 1] == s.ca and cmd[cmd.index("--auth-supernode-private-key") + 1] == s.key
     cmd, _, _, keys = server_command(str(root / "server.toml"), insecure=False)
     assert "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd

@@ -24,11 +24,11 @@ from fedtune import config as config_mod
 from fedtune.deploy import approved
 from fedtune.deploy.control import Control, flower_env, tool
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
+from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
 from fedtune.errors import FedtuneError
 from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
 
-SUPEREXEC_POLL_S = "0.25"  # seconds between a client SuperExec's polls for a message to run (Flower's default 1)
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
                     "read the updates and join the federation. Use it only on a trusted test network.")
@@ -162,6 +162,7 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     if not insecure:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
+    check_paths(s.data, s.model_cache)
     d = config_mod.Config().data
     quiet = logging.getLogger("datasets")  # it logs a traceback for a malformed file; our one line says it
     level, quiet.level = quiet.level, logging.CRITICAL + 1
@@ -177,17 +178,15 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
 
 
 def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSettings]:
+    """The SuperNode's command line (its messages run in fedtune's worker, fedtune.deploy.supervisor)."""
     s = load_client(path)
     check_client(s, insecure)
     Path(s.state).mkdir(parents=True, exist_ok=True)
-    # The SuperNode's SuperExec looks for a message to start a ClientApp for once a second by
-    # default (flwr/supercore/superexec/run_superexec.py); every message waits for that poll.
-    env = {**flower_env(Path(s.state) / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": SUPEREXEC_POLL_S}
-    # Our flwr-clientapp first: it refuses an app whose hash the operator did not approve (fedtune.deploy.approved).
-    env.update({"PATH": f"{approved.wrapper_dir(s.state)}{os.pathsep}{env['PATH']}",
-                approved.APPS_ENV: ",".join(s.apps), approved.NAME_ENV: s.name})
+    env = flower_env(Path(s.state) / "flwr-home")
+    # The worker refuses a run whose app hash the operator did not approve (fedtune.deploy.approved).
+    env.update({approved.APPS_ENV: ",".join(s.apps), approved.NAME_ENV: s.name})
     cmd = [tool("flower-supernode", env), "--superlink", s.superlink, "--node-config", node_config_arg(s),
-           "--isolation", "subprocess", "--port", str(s.port)]
+           *supernode_args(new_secret(s.state)), "--port", str(s.port)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -203,8 +202,8 @@ def start_client(path: str, insecure: bool) -> int:
           f"ledgers in {s.state}/runs)", file=sys.stderr, flush=True)
     deadline = time.monotonic() + REJECTED_RETRY_S
     while True:
-        proc = subprocess.Popen(cmd, env=env, cwd=s.state, stdin=subprocess.DEVNULL)
-        code = _supervise(proc)
+        worker = worker_command(s.port, Path(s.state) / SECRET_FILE, s.data, s.model_cache)
+        code = Supervisor(cmd, worker, env, s.state, stop_tree).run()
         if code == 0 or code >= 128 or time.monotonic() > deadline:  # done, signalled, or not a start-up refusal
             break
         time.sleep(5.0)  # a server that just started may not have registered our key yet
