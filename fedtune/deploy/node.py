@@ -75,7 +75,7 @@ def from_node_config(node_config: Mapping[str, Any]) -> LocalNode | None:
 
 
 def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
-    """The server's run config with the operator's budget and model cache."""
+    """The server's run config with the operator's budget, unit, loss disclosure and model cache."""
     if cfg.privacy.seed >= 0 and not node.allow_seeded:
         raise FedtuneError(f"{node.name} refuses a run with seeded DP noise (privacy.seed={cfg.privacy.seed}): the "
                            "guarantee would not hold; set client.allow_seeded = true only for tests")
@@ -83,7 +83,9 @@ def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
         raise FedtuneError(f"{node.name} refuses planted audit records (audit.canaries/secrets): they are for simulations")
     from fedtune.privacy.user_level import operator_unit
 
-    return cfg.replace(privacy={"budget": node.budget, **operator_unit(cfg, node)},
+    # Whether per-client losses leave is the operator's choice (policy.reveal_losses), never the server's.
+    return cfg.replace(privacy={"budget": node.budget, "reveal_losses": node.policy.reveal_losses,
+                                **operator_unit(cfg, node)},
                        data={"user_field": node.user_field or cfg.data.user_field},
                        model={"cache_dir": node.model_cache or cfg.model.cache_dir})
 

@@ -26,6 +26,7 @@ class Policy:
     secagg: bool = False  # require secure aggregation (the update leaves only masked)
     client_dp: bool = False  # require distributed DP: this client adds its share of client-level noise
     max_client_epsilon: float = 0.0  # under client_dp: the largest client-level ε (target and budget) accepted; 0 = any
+    reveal_losses: bool = False  # under DP: send per-client losses (covered by no DP); the server cannot turn it on
 
     def check(self, where: str) -> Policy:
         """This policy, or FedtuneError naming ``where`` and the fix."""
@@ -49,7 +50,8 @@ class Policy:
     def to_node_config(self) -> dict[str, Any]:
         return {"policy-dp": self.dp, "policy-max-delta": self.max_delta,
                 "policy-accountants": ",".join(self.accountants), "policy-secagg": self.secagg,
-                "policy-client-dp": self.client_dp, "policy-max-client-epsilon": self.max_client_epsilon}
+                "policy-client-dp": self.client_dp, "policy-max-client-epsilon": self.max_client_epsilon,
+                "policy-reveal-losses": self.reveal_losses}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Policy:
@@ -59,7 +61,8 @@ class Policy:
         return cls(bool(node_config.get("policy-dp", d.dp)), float(node_config.get("policy-max-delta", d.max_delta)),
                    [a for a in accountants.split(",") if a], bool(node_config.get("policy-secagg", d.secagg)),
                    bool(node_config.get("policy-client-dp", d.client_dp)),
-                   float(node_config.get("policy-max-client-epsilon", d.max_client_epsilon))).check("the node config")
+                   float(node_config.get("policy-max-client-epsilon", d.max_client_epsilon)),
+                   bool(node_config.get("policy-reveal-losses", d.reveal_losses))).check("the node config")
 
     # ---- the rule ---------------------------------------------------------------------
     def violation(self, cfg, secure: bool, records: int) -> str:
