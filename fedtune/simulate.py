@@ -22,28 +22,11 @@ from pathlib import Path
 
 
 from fedtune import config as config_mod
+from fedtune.driver import CONNECTION, RunFailed, app_dir, stop_tree  # noqa: F401 (RunFailed, app_dir: public here too)
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import (
     atomic_write_text, is_run_dir, new_run_dir, read_json, update_run_file,
 )
-
-CONNECTION = "fedtune"
-
-
-class RunFailed(Exception):
-    """The simulation ran but did not complete (not a config mistake: exit code 1)."""
-
-
-def app_dir() -> Path:
-    """The Flower app (this project's root, holding pyproject.toml, server/ and client/)."""
-    root = Path(__file__).resolve().parent.parent
-    if not ((root / "pyproject.toml").is_file() and (root / "server").is_dir() and (root / "client").is_dir()):
-        raise FedtuneError(
-            "fedtune simulate needs the fedtune project folder (pyproject.toml, server/, client/); "
-            "install fedtune from a checkout with `make install` (pip install -e .)"
-        )
-    return root
-
 
 # ---- checks before anything starts ------------------------------------------------------
 def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
@@ -206,8 +189,6 @@ class LocalSuperLink:
 
     def stop(self) -> None:
         """Stop the SuperLink and every process it started (SuperExec, simulation, Ray)."""
-        from fedtune.deploy.launch import stop_tree
-
         if self.proc is None:
             return
         stop_tree(self.proc)

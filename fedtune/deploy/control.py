@@ -8,31 +8,12 @@ CA that signed the server's certificate (or ``insecure = true`` when asked for).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
+from fedtune.driver import CONNECTION, RunFailed, flower_env, tool
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_text
-
-CONNECTION = "fedtune"
-
-
-def flower_env(home: Path) -> dict[str, str]:
-    """Environment for Flower's commands: this venv's tools first, no telemetry, no installs."""
-    bindir = str(Path(sys.executable).parent)  # Flower starts its helpers by name from PATH
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "FLWR_HOME": str(home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1"}
-
-
-def tool(name: str, env: dict[str, str]) -> str:
-    exe = shutil.which(name, path=env["PATH"])
-    if exe is None:
-        raise FedtuneError(f"{name} not found; install fedtune's dependencies (make install)")
-    return exe
 
 
 class Control:
@@ -67,8 +48,6 @@ class Control:
         except json.JSONDecodeError:
             payload = {}
         if res.returncode != 0 or not payload.get("success"):
-            from fedtune.simulate import RunFailed
-
             raise RunFailed(f"flwr run could not start the run on {self.address}:\n"
                             f"{(res.stdout + res.stderr).strip()[-2000:]}")
         return str(payload["run-id"])

@@ -17,14 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
-
 from fedtune import certs
 from fedtune import config as config_mod
 from fedtune.deploy import approved
-from fedtune.deploy.control import Control, flower_env, tool
+from fedtune.deploy.control import Control
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
 from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
+from fedtune.driver import RunFailed, app_dir, flower_env, stop_tree, tool
 from fedtune.errors import FedtuneError
 from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
@@ -60,26 +59,6 @@ def _wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float
         except OSError:
             time.sleep(0.3)
     raise RuntimeError(f"did not listen on port {port} within {timeout:.0f} s")
-
-
-def stop_tree(proc: subprocess.Popen) -> None:
-    """Stop ``proc`` and every process it started (Flower's ServerApp/ClientApp children)."""
-    try:
-        family = [psutil.Process(proc.pid)]
-        family += family[0].children(recursive=True)
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(family, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def _supervise(proc: subprocess.Popen) -> int:
@@ -217,8 +196,6 @@ def start_client(path: str, insecure: bool) -> int:
 # ---- a run ------------------------------------------------------------------------------
 def _wait_for_server(address: str, timeout: float = 60.0) -> None:
     """A server started a moment ago may not listen yet: wait a little before giving up."""
-    from fedtune.simulate import RunFailed
-
     host, _, port = address.rpartition(":")
     deadline = time.monotonic() + timeout
     while True:
@@ -235,8 +212,6 @@ def _wait_for_server(address: str, timeout: float = 60.0) -> None:
 def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | None = None,
         poll: float = 2.0, lost_after: float = 300.0) -> Path:
     """Submit the federation's run to the server and follow it to its end; the run folder."""
-    from fedtune.simulate import RunFailed, app_dir
-
     s, cfg = load_server(path)
     if overrides:
         cfg = config_mod.load(None, {**config_mod.to_flat(cfg), **overrides})

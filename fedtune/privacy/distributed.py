@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from fedtune.errors import FedtuneError
+from fedtune.prg import expand
 
 UNIT = ("one client (all of its data): neighbouring federations differ in one client's update, present or "
         "replaced by nothing")
@@ -133,8 +134,6 @@ class Uniform:
     """Uniform doubles in (0, 1) from a ChaCha20 stream under a fresh 256-bit OS seed."""
 
     def __init__(self, seed: bytes | None = None) -> None:
-        from fedtune.secagg.crypto import expand
-
         self._expand, self._seed, self._used = expand, seed or os.urandom(32), 0
 
     def draw(self, n: int) -> np.ndarray:

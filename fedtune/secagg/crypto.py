@@ -20,14 +20,14 @@ import os
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedtune.prg import expand  # noqa: F401 (the mask PRG, shared with the DP noise sampler)
 
 DOMAIN = b"fedtune-secagg/v1"
 KEY_BYTES = 32  # X25519 keys, seeds, secrets
@@ -152,22 +152,3 @@ def commit_share(kind: bytes, round_: int, owner: int, holder: int, index: int, 
     received and the server check what is revealed to it."""
     return hashlib.sha256(DOMAIN + b"|share|" + kind + struct.pack(">QQQI", round_, owner, holder, index)
                           + share).digest()
-
-
-def expand(seed: bytes, n: int, bits: int) -> np.ndarray:
-    """``n`` uniform integers mod 2**bits (uint32 when bits <= 32, else uint64) from the
-    ChaCha20 keystream under ``seed``. Each seed must be used for one purpose only."""
-    if len(seed) != KEY_BYTES:
-        raise CryptoError(f"a PRG seed has {KEY_BYTES} bytes, not {len(seed)}")
-    if not 1 <= bits <= 64:
-        raise CryptoError(f"cannot draw {bits}-bit values")
-    dtype = np.dtype("<u4") if bits <= 32 else np.dtype("<u8")
-    nbytes = n * dtype.itemsize
-    zeros = bytes(nbytes)
-    out = bytearray(nbytes + 64)  # update_into wants room for a block more than it writes
-    encryptor = Cipher(algorithms.ChaCha20(seed, b"\0" * 16), mode=None).encryptor()
-    encryptor.update_into(zeros, out)
-    values = np.frombuffer(out, dtype=dtype, count=n)
-    if bits < dtype.itemsize * 8:
-        values &= dtype.type((1 << bits) - 1)
-    return values
