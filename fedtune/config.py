@@ -82,7 +82,8 @@ class PrivacySection:
     budget: float = 0.0  # ε a client will spend at most; 0 = epsilon
     noise_multiplier: float = 0.0  # > 0: use this σ instead of calibrating
     seed: int = -1  # tests only: seeds DP noise and sampling (recorded); -1 = OS entropy
-    reveal_losses: bool = False  # under DP: send per-client train/held-out losses (not covered by DP; audited)
+    reveal_losses: bool = True  # under DP: send per-client losses (covered by no DP; audited); a deployed
+    # client ignores this and follows its operator's policy.reveal_losses (default false)
     unit: str = "record"  # record | user (every record with the same data.user_field at a client)
     records_per_user: int = 4  # user unit: records of a sampled user in one step, at most
 
