@@ -1,18 +1,15 @@
 """The app-hash allowlist's pieces, in process: the check on a FAB's bytes, `fedtune client
-approve`, and the wrapper that runs before Flower installs an app."""
+approve`, and the worker's hook that runs before any handler."""
 
 from __future__ import annotations
 
 import hashlib
-import os
-
 import pytest
 
 from fedtune.cli import main
-from fedtune.deploy.approved import APPS_ENV, NAME_ENV, approve, check_fab, wrapper_dir
+from fedtune.deploy.approved import APPS_ENV, NAME_ENV, approve, check_fab
 from fedtune.deploy.settings import load_client
 from fedtune.errors import FedtuneError
-from tests.conftest import ROOT
 from tests.deployment import _toml, approved_app
 
 
@@ -52,23 +49,20 @@ def test_a_bad_hash_is_one_line_and_exit_2(tmp_path, capsys):
     assert "client.apps must list app hashes" in capsys.readouterr().err
 
 
-def test_the_wrapper_checks_before_flower_installs(tmp_path, monkeypatch):
-    """The state folder's flwr-clientapp runs fedtune's check in front of Flower's installer."""
-    import flwr.supernode.runtime.run_clientapp as runtime
+def test_the_workers_hook_refuses_an_unlisted_app_and_accepts_a_listed_one(monkeypatch):
+    """The worker runs every message of a deployed client; its hook checks the FAB's bytes
+    against the operator's list before any handler (and it never imports the FAB)."""
+    from types import SimpleNamespace
 
-    import fedtune.deploy.approved as approved
+    from fedtune.deploy.worker import check_app
 
-    script = wrapper_dir(tmp_path) / "flwr-clientapp"
-    assert os.access(script, os.X_OK) and "clientapp_main" in script.read_text()
-    installed = []
-    monkeypatch.setattr(runtime, "install_from_fab", lambda content, **kw: installed.append(content))
-    monkeypatch.setattr("flwr.supernode.cli.flwr_clientapp", lambda: runtime.install_from_fab(b"tampered", skip_prompt=True))
-    monkeypatch.setenv(APPS_ENV, approved_app())
+    fab = SimpleNamespace(content=b"tampered", hash_str="x")
     monkeypatch.setenv(NAME_ENV, "clinic-a")
+    monkeypatch.setenv(APPS_ENV, approved_app())
     with pytest.raises(FedtuneError, match="client clinic-a refuses the run"):
-        approved.clientapp_main()
-    assert installed == []  # nothing installed, no app code imported
-    monkeypatch.setattr(runtime, "install_from_fab", lambda content, **kw: installed.append(content))  # a fresh process
-    monkeypatch.setenv(APPS_ENV, hashlib.sha256(b"tampered").hexdigest())
-    approved.clientapp_main()
-    assert installed == [b"tampered"]
+        check_app(None, fab)
+    monkeypatch.delenv(APPS_ENV)
+    with pytest.raises(FedtuneError, match="not approved"):  # no list: nothing is approved
+        check_app(None, fab)
+    monkeypatch.setenv(APPS_ENV, f"{approved_app()},{hashlib.sha256(b'tampered').hexdigest()}")
+    check_app(None, fab)

@@ -15,7 +15,7 @@ from fedtune.data import export_clients
 from fedtune.deploy.approved import app_hash
 from fedtune.runfolder import read_jsonl
 from tests.conftest import ROOT, tiny_config
-from tests.deployment import Federation, approved_app, cli, wait_for
+from tests.deployment import Federation, approved_app, cli
 
 pytestmark = pytest.mark.slow
 

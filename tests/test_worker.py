@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger
 from fedtune.runfolder import ledger_path
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT
 from tests.deployment import write_data
 from tests.test_client import initial  # noqa: F401 - fixture
 from tests.test_deploy import _context_of, _deployed, _error, _rewrite, _rows, fed  # noqa: F401 - fixture
@@ -77,9 +77,15 @@ def test_the_worker_runs_its_own_handlers_and_never_the_app_packages_code(tmp_pa
     from fedtune.deploy.worker import fedtune_app, run_task
 
     marker = tmp_path / "pwned"
+    import hashlib
+
+    from fedtune.deploy.approved import APPS_ENV
+
     cfg, node = _deployed(tmp_path, _rows(12))
     pushed: list = []
-    _task(monkeypatch, _evaluate_message(initial), _context_of(cfg, node), _fab(marker), pushed)
+    fab = _fab(marker)
+    monkeypatch.setenv(APPS_ENV, hashlib.sha256(fab).hexdigest())  # approved by its operator, still never imported
+    _task(monkeypatch, _evaluate_message(initial), _context_of(cfg, node), fab, pushed)
     before = set(sys.modules)
     run_task(fedtune_app(), "127.0.0.1:1", "token")
     reply, status = pushed

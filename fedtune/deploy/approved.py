@@ -2,11 +2,10 @@
 
 A run's app (Flower's FAB) is whatever its submitter built; fedtune's library is not in it
 (pyproject ``fab-include``), so the DP-SGD, the budget check and the ledger are the client's
-installed code. The app's own wiring could still replace them once imported, so a client
-runs an app only if its operator listed the app's hash (SHA-256 of the FAB, Flower's
-``fab_hash``) in client.toml's ``apps``. The check runs in the ClientApp process before the
-FAB is installed or any of its code imported: ``fedtune client start`` puts a
-``flwr-clientapp`` of its own first on the SuperNode's PATH, which wraps Flower's with it.
+installed code. A deployed client's messages run in its worker (fedtune.deploy.worker),
+which never installs or imports the FAB; it still answers a run only if the operator listed
+the app's hash (SHA-256 of the FAB, Flower's ``fab_hash``) in client.toml's ``apps``: the
+worker's ``check_app`` calls ``check_fab`` before any handler runs.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 from pathlib import Path
 
 from fedtune.errors import FedtuneError
@@ -36,38 +34,6 @@ def check_fab(content: bytes, approved: list[str], who: str) -> None:
     if digest not in approved:
         raise FedtuneError(f"client {who} refuses the run: its app sha256 {digest} is not approved in client.toml "
                            f"(client.apps); the operator approves it with: fedtune client approve CLIENT_TOML {digest}")
-
-
-def wrapper_dir(state: str | Path) -> Path:
-    """A folder holding this client's ``flwr-clientapp`` (first on the SuperNode's PATH)."""
-    folder = Path(state) / "bin"
-    folder.mkdir(parents=True, exist_ok=True)
-    script = folder / "flwr-clientapp"
-    body = (f"#!{sys.executable}\nimport sys\nfrom fedtune.deploy.approved import clientapp_main\n"
-            "sys.exit(clientapp_main())\n")
-    if not script.is_file() or script.read_text() != body:
-        tmp = folder / ".flwr-clientapp.tmp"
-        tmp.write_text(body)
-        tmp.chmod(0o755)
-        os.replace(tmp, script)
-    return folder
-
-
-def clientapp_main() -> int | None:
-    """Flower's ``flwr-clientapp``, refusing (an error reply, nothing installed) an app not approved."""
-    import flwr.supernode.runtime.run_clientapp as runtime
-    from flwr.supernode.cli import flwr_clientapp
-
-    approved = [h for h in os.environ.get(APPS_ENV, "").split(",") if h]
-    who = os.environ.get(NAME_ENV, "?")
-    install = runtime.install_from_fab
-
-    def install_if_approved(content: bytes, *args, **kwargs):
-        check_fab(content, approved, who)
-        return install(content, *args, **kwargs)
-
-    runtime.install_from_fab = install_if_approved
-    return flwr_clientapp()
 
 
 def approve(config_path: str | Path, app: str) -> str:

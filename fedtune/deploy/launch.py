@@ -8,7 +8,6 @@ SuperNode retrying forever. TLS and SuperNode authentication are on unless ``--i
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import socket
 import subprocess
