@@ -377,14 +377,18 @@ def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
     head = last.client.get("ledger-head")
     if not any(e["type"] == "spend" and e["round"] == server_round and e["hash"] == head for e in ledger.entries()):
         return None  # not the spend this ledger recorded: train and pay again
+    seed = reproducible_seed(s, server_round, "encoding")
+    if secure and s.cfg.client_dp.enabled and seed is None:
+        # Re-encoding draws fresh distributed-DP noise: two sums of the same update would average it down.
+        raise FedtuneError(f"{s.name} already sent round {server_round} in a secure sum with its distributed-DP "
+                           "noise; it will not send it again in a second sum (the round goes on without it)")
     ledger.append({"type": "resend", "round": server_round, "spend": head, "time": now()})
     state = last.state
     if not secure:
         import torch
 
         state = {k: torch.from_numpy(v) for k, v in state.items()}
-    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client,
-                       reproducible_seed(s, server_round, "encoding"))
+    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client, seed)
 
 
 def _refuse(s: ClientSetup, ledger: Ledger, server_round: int, secure: bool, reason: str, spent: float,

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 
 from fedtune import config
 from fedtune.client import handle_evaluate, handle_train
+from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, epsilon, epsilon_independent, make_plan
 from fedtune.runfolder import ledger_path
 from fedtune.server import initial_adapter
@@ -226,3 +227,35 @@ def test_a_release_that_its_ledger_does_not_show_is_not_resent(tmp_path, task_id
     again = handle_train(_message(initial, 1), _context(cfg))
     assert "resent" not in again.content["metrics"]
     assert [e["type"] for e in Ledger(ledger).entries()] == ["plan", "spend"]
+
+
+def test_a_paid_round_is_never_sent_again_into_a_second_secure_sum_with_fresh_noise(tmp_path):
+    """Distributed DP: re-encoding a resent update draws new noise, and two sums of the same
+    update with independent noise average it down. A server asking again (a resume, or on
+    purpose) gets a refusal, not a second noisy copy; plain and record-level resends still work."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from fedtune import release
+    from fedtune.client import _resend
+    from fedtune.privacy import Ledger
+    from fedtune.runfolder import ledger_path, release_path
+
+    def setup(**sections):
+        s = SimpleNamespace(cfg=tiny_config(**sections), name="client-0", run_dir=tmp_path / "run")
+        ledger = Ledger(ledger_path(s.run_dir, s.name))
+        if not ledger.entries():
+            head = ledger.append({"type": "spend", "round": 2, "epsilon": 1.0})["hash"]
+            release.store(release_path(s.run_dir, s.name), release.Release(
+                2, "asked", {"w": np.zeros(3, dtype=np.float32)}, 10.0, {}, {"name": s.name, "ledger-head": head}))
+        return s, ledger
+
+    s, ledger = setup(client_dp={"enabled": True}, secagg={"enabled": True})
+    with pytest.raises(FedtuneError, match="will not send it again in a second sum"):
+        _resend(s, ledger, 2, "asked", secure=True)
+    assert not any(e["type"] == "resend" for e in ledger.entries())
+    s, ledger = setup(secagg={"enabled": True})  # record-level DP under SecAgg+: the stored, noised update
+    assert _resend(s, ledger, 2, "asked", secure=True) is not None
+    s, ledger = setup(client_dp={"enabled": True}, secagg={"enabled": True}, privacy={"seed": 3})  # tests: same noise
+    assert _resend(s, ledger, 2, "asked", secure=True) is not None
