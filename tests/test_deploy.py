@@ -306,7 +306,8 @@ def _deployed(tmp_path, rows):
     """(config, node config) of a deployed client holding ``rows`` in its own data file."""
     write_data(tmp_path / "data.jsonl", rows)
     node = {"fedtune-client": "clinic-a", "data-file": str(tmp_path / "data.jsonl"), "budget": 8.0,
-            "state-dir": str(tmp_path / "state"), "model-cache": "", "allow-seeded": False}
+            "state-dir": str(tmp_path / "state"), "model-cache": "", "allow-seeded": False,
+            "policy-reveal-losses": True}  # its operator reports held-out losses (the tests compare them)
     return tiny_config(run={"dir": str(tmp_path / "runs")}), node
 
 

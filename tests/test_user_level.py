@@ -171,7 +171,7 @@ def test_a_deployed_clients_unit_is_its_operators(tmp_path):
     from fedtune.errors import FedtuneError
     from tests.conftest import tiny_config
 
-    node = LocalNode("clinic-a", "d.jsonl", 3.0, str(tmp_path), "", False, "patient")
+    node = LocalNode("clinic-a", "d.jsonl", 3.0, str(tmp_path), "", False, user_field="patient")
     mine = local_config(tiny_config(privacy={"unit": "record"}), node)  # a server asking for records
     assert (mine.privacy.unit, mine.data.user_field) == ("user", "patient")
     other = local_config(tiny_config(privacy={"unit": "user"}, data={"user_field": "ward"}), node)
