@@ -80,6 +80,27 @@ def test_a_run_asking_for_less_than_the_policy_is_refused_before_anything_is_spe
     lines, refusals = _server_sees(reply, monkeypatch)
     assert f"fedtune: client clinic-a refused round 1: {reason}" in lines
     assert refusals == [{"client": "clinic-a", "round": 1, "reason": reason, "recorded_by": ["server"]}]
+    if case == "no DP":  # the whole audit: the server's rows and the operator's handed-over ledger
+        _audit_of_a_refused_run(tmp_path, cfg, ledger, reason)
+
+
+def _audit_of_a_refused_run(tmp_path, cfg, ledger, reason):
+    import shutil
+
+    from fedtune.privacy.audit import run_audit
+    from fedtune.runfolder import append_jsonl, write_json
+
+    run_dir = tmp_path / "server-run"
+    write_json(run_dir / "run.json", {"status": "completed"})
+    append_jsonl(run_dir / "metrics.jsonl", {"round": 1, "phase": "train", "client": "clinic-a", "node": 5,
+                                             "status": "refused", "reason": reason, "refused": 1})
+    (run_dir / "clients" / "clinic-a").mkdir(parents=True)
+    shutil.copy(ledger.path, run_dir / "clients" / "clinic-a" / "ledger.jsonl")
+    result = run_audit(run_dir, verify=True)
+    assert result["problems"] == []
+    assert [(r["client"], r["epsilon"], r["refusals"]) for r in result["rows"]] == [("clinic-a", 0.0, 1)]
+    assert result["refusals"] == [{"client": "clinic-a", "round": 1, "reason": reason,
+                                   "recorded_by": ["server", "ledger"]}]
 
 
 def test_the_same_run_meeting_the_policy_trains(tmp_path, task_identity, tiny_path, data_file):

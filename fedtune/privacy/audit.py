@@ -37,6 +37,8 @@ def _ledgers(run_dir: Path) -> list[tuple[str, Ledger]]:
 
 def _row(name: str, ledger: Ledger, entries: list[dict]) -> dict:
     plan = next((e for e in entries if e["type"] == "plan"), None)
+    if plan is None and entries and all(e["type"] == "refusal" for e in entries):
+        return _refused_before_planning(name, ledger, entries)
     if plan is None:
         raise FedtuneError(f"{ledger.path}:1: ledger has no plan entry; it was not written by fedtune")
     spends = [e for e in entries if e["type"] == "spend"]
@@ -54,9 +56,20 @@ def _row(name: str, ledger: Ledger, entries: list[dict]) -> dict:
     }
 
 
+def _refused_before_planning(name: str, ledger: Ledger, entries: list[dict]) -> dict:
+    """A client that refused the run at its first message (its policy): nothing planned or spent."""
+    return {"client": name, "level": "record", "unit": "nothing planned: the client refused the run", "dp": True,
+            "accountant": "", "delta": 0.0, "epsilon": 0.0, "budget": 0.0, "remaining": 0.0, "rounds_joined": 0,
+            "steps": 0, "sample_rate": 0.0, "noise_multiplier": 0.0, "clip_norm": 0.0, "refusals": len(entries),
+            "seeded": False, "epsilon_per_round": [], "ledger": str(ledger.path)}
+
+
 def _verify(name: str, ledger: Ledger, entries: list[dict], heads: dict[tuple[str, int], str]) -> list[str]:
     """Every discrepancy as 'file:line: what'."""
     problems = []
+    if not any(e["type"] == "plan" for e in entries):  # refused before planning: nothing to recompute
+        return [f"{ledger.path}:{i}: a {e['type']} entry without a plan" for i, e in enumerate(entries, 1)
+                if e["type"] != "refusal"]
     plan_line, plan = next(((i, e) for i, e in enumerate(entries, 1) if e["type"] == "plan"))
     if plan["dp"]:
         planned = [(plan["noise_multiplier"], plan["sample_rate"], plan["steps_per_round"])] * plan["planned_rounds"]
