@@ -32,8 +32,8 @@ _budget.check_round = lambda history, plan: _budget.RoundDecision(True, 0.0, 0.0
 RUN_APP = """
 import sys
 from pathlib import Path
-import fedtune.simulate
-fedtune.simulate.app_dir = lambda: Path(sys.argv[2])
+import fedtune.deploy.launch
+fedtune.deploy.launch.app_dir = lambda: Path(sys.argv[2])
 from fedtune.cli import main
 sys.exit(main(["run", sys.argv[1]]))
 """

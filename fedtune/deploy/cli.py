@@ -88,7 +88,7 @@ def cmd_client(args) -> int:
 
     if args.action == "approve":
         from fedtune.deploy.approved import approve
-        from fedtune.simulate import app_dir
+        from fedtune.driver import app_dir
 
         print(f"approved app sha256 {approve(args.config, args.app or str(app_dir()))} in {args.config}")
         return 0
