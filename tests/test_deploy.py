@@ -465,3 +465,13 @@ def test_run_gives_up_on_a_server_that_stays_unreachable(fed, monkeypatch):
     monkeypatch.setattr(launch, "_wait_for_server", lambda address: None)
     with pytest.raises(RunFailed, match=r"lost the server .* fedtune run --resume .*runs"):
         launch.run(str(root / "server.toml"), insecure=False, poll=0.01, lost_after=0.2)
+
+
+def test_a_deployed_client_reads_its_file_whatever_the_runs_round_floor(tmp_path, tiny_path):
+    """The client's own data config is one client's file: the run's federation.min_clients and
+    client_dp.min_clients (for the whole federation) must not make it invalid."""
+    from fedtune.deploy.node import data_config
+
+    cfg, node = _deployed(tmp_path, _rows(12))
+    cfg = cfg.replace(federation={"min_clients": 3})
+    assert data_config(cfg, node["data-file"]).federation.clients == 1

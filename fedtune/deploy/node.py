@@ -94,8 +94,8 @@ def data_config(cfg: config_mod.Config, data_file: str) -> config_mod.Config:
     """The config that reads one client's whole file (no partition). The file's ``split``
     column, when it has one, says which records are held out; else data.eval_fraction is."""
     return cfg.replace(data={"source": data_file, "partition": "iid"},
-                       federation={"clients": 1, "clients_per_round": 0, "mode": "federated"},
-                       secagg={"enabled": False}, client_dp={"enabled": False})
+                       federation={"clients": 1, "clients_per_round": 0, "mode": "federated", "min_clients": 0},
+                       secagg={"enabled": False}, client_dp={"enabled": False, "min_clients": 0})
 
 
 def local_examples(cfg: config_mod.Config, node: LocalNode, model_path: str,
