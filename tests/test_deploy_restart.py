@@ -40,7 +40,7 @@ def _tight_budget(cfg, data_file, tiny_path) -> float:
     from fedtune.deploy.node import LocalNode, local_examples
     from fedtune.model import load_tokenizer
 
-    node = LocalNode(TIGHT, str(data_file), 8.0, "", "", True)
+    node = LocalNode(TIGHT, str(data_file), 8.0, str(data_file.parent / "probe-state"), "", True)  # never the cwd
     plan = make_plan(cfg, len(local_examples(cfg, node, tiny_path, lambda: load_tokenizer(tiny_path))[0]))
     return sum(epsilon([plan.round_history] * r, plan.delta) for r in (2, 3)) / 2
 
