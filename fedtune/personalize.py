@@ -30,17 +30,26 @@ import io
 import math
 import statistics
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
-from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
 
 from fedtune import config as config_mod
 from fedtune.aggregation import set_trainable
+from fedtune.client.setup import generators, simulated_setup
+from fedtune.client.state import load_kept
+from fedtune.data import client_data, label_choices
 from fedtune.errors import FedtuneError
+from fedtune.memory import physical_batch
+from fedtune.model import get_adapter_state, save_adapter, set_adapter_state
+from fedtune.privacy import Ledger, Plan, check_round
+from fedtune.report import write_summary
 from fedtune.runfolder import (
     adapter_dir, atomic_write_bytes, atomic_write_text, client_dir, is_run_dir, ledger_path, now, write_json,
 )
+from fedtune.train import DPParams, evaluate, label_accuracy, train_round
 
 MODELS = ("base", "local", "global", "personalized")
 LABELS = {"base": "base model", "local": "local-only", "global": "global", "personalized": "personalized"}
@@ -62,18 +71,13 @@ def load_run_config(run_dir: str | Path, overrides: dict | None = None) -> confi
 
 def _setup(cfg: config_mod.Config, index: int):
     """The client's model and data, exactly as its ClientApp builds them."""
-    from fedtune.client import setup
-
-    ctx = Context(run_id=0, node_id=index, node_config={"partition-id": index, "num-partitions": cfg.num_clients},
-                  state=RecordDict(), run_config=config_mod.to_flat(cfg))
     try:
-        return setup(ctx)
+        return simulated_setup(cfg, index, cfg.num_clients)
     except FedtuneError as exc:
         raise FedtuneError(f"client {index}: {exc}") from None
 
 
 def _perplexity(s) -> float:
-    from fedtune.train import evaluate
 
     loss, tokens = evaluate(s.m.model, s.heldout, batch_size=s.cfg.train.eval_batch_size, device=s.m.device,
                             amp_dtype=s.m.amp_dtype, pad_id=s.pad_id)
@@ -82,10 +86,6 @@ def _perplexity(s) -> float:
 
 def _labels(s):
     """(choices, truth, majority-label accuracy) for labelled data, else None."""
-    from collections import Counter
-
-    from fedtune.data import client_data, label_choices
-
     train, heldout = client_data(s.cfg, s.index)
     scored = label_choices(s.cfg, heldout, s.m.tokenizer)
     if scored is None or not scored[1]:
@@ -97,8 +97,6 @@ def _labels(s):
 
 def _score(s, row: dict, label: str, labelled) -> None:
     """Held-out perplexity (and label accuracy) of the model's current adapter into ``row``."""
-    from fedtune.train import label_accuracy
-
     row["perplexity"][label] = _perplexity(s)
     if labelled is not None:
         row["accuracy"][label] = label_accuracy(
@@ -108,9 +106,6 @@ def _score(s, row: dict, label: str, labelled) -> None:
 
 def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
     """``steps`` steps from the adapter ``start``; returns the trained adapter."""
-    from fedtune.client import _generators
-    from fedtune.model import get_adapter_state, set_adapter_state
-    from fedtune.train import train_round
 
     p = s.cfg.personalize
     set_adapter_state(s.m.model, start)
@@ -127,9 +122,7 @@ def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
 
         on_step = ditto_pull
 
-    from fedtune.memory import physical_batch
-
-    sampling, noise = _generators(s, s.cfg.federation.rounds + 1)
+    sampling, noise = generators(s, s.cfg.federation.rounds + 1)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         train_round(s.m.model, s.train, steps=steps, batch_size=s.cfg.train.batch_size, learning_rate=p.lr,
@@ -141,8 +134,6 @@ def _train(s, start: dict, steps: int, dp, prox: dict | None) -> dict:
 
 def _dp_plan(s):
     """(ledger, plan, DP parameters) for charged personalization; FedtuneError without a ledger."""
-    from fedtune.privacy import Ledger, Plan
-    from fedtune.train import DPParams
 
     ledger = Ledger(ledger_path(s.run_dir, s.name))
     entry = ledger.plan() if ledger.path.exists() else None
@@ -156,9 +147,6 @@ def _dp_plan(s):
 
 def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -> dict:
     """Evaluate base, local-only, global and personalized adapters of one client."""
-    from fedtune.client import load_kept
-    from fedtune.model import save_adapter, set_adapter_state
-    from fedtune.privacy import epsilon
 
     s = _setup(cfg, index)
     p, steps = cfg.personalize, cfg.personalize.steps
@@ -178,24 +166,18 @@ def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -
 
     personal, row["status"] = ours, "ok"
     if p.method != "fedsa":
-        if ledger is not None:
-            history = ledger.history()
-            step = (plan.noise_multiplier, plan.sample_rate, steps)
-            row["epsilon_before"] = epsilon(history, plan.delta, plan.accountant)
-            after = epsilon(history + [step], plan.delta, plan.accountant)
-            if after > plan.budget:
-                reason = (f"privacy budget: personalization would raise ε from {row['epsilon_before']:.3f} to "
-                          f"{after:.3f}, above the budget of {plan.budget:g}; raise privacy.budget")
-                ledger.append({"type": "refusal", "round": "personalize", "epsilon_spent": row["epsilon_before"],
-                               "epsilon_if_trained": after, "budget": plan.budget, "reason": reason, "time": now()})
-                row.update(status="refused", reason=reason, epsilon_after=row["epsilon_before"])
+        if ledger is not None:  # the same budget rule as a round (fedtune.privacy.budget)
+            decision = check_round(ledger.history(), plan, (plan.noise_multiplier, plan.sample_rate, steps),
+                                   what="personalization", fix="; raise privacy.budget")
+            row["epsilon_before"], after = decision.epsilon_before, decision.epsilon_after
+            if not decision.train:
+                ledger.record_refusal("personalize", decision.reason, epsilon_spent=row["epsilon_before"],
+                                      epsilon_if_trained=after, budget=plan.budget)
+                row.update(status="refused", reason=decision.reason, epsilon_after=row["epsilon_before"])
         if row["status"] == "ok":
             personal = _train(s, ours, steps, dp, ours if p.method == "ditto" else None)
             if ledger is not None:  # durable before the personalized adapter is written
-                ledger.append({"type": "spend", "round": "personalize", "steps": steps,
-                               "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
-                               "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
-                               "epsilon": after, "dp": True, "time": now()})
+                ledger.record_spend("personalize", plan, after, steps=steps, dp=True)
                 row["epsilon_after"] = after
     set_adapter_state(s.m.model, personal)
     _score(s, row, "personalized", labelled)
@@ -207,10 +189,6 @@ def personalize_client(cfg: config_mod.Config, index: int, global_state: dict) -
 
 def personalize(run_dir: str | Path, overrides: dict | None = None, progress=None) -> dict:
     """Personalize every client of a finished federated run; writes the per-client report."""
-    from safetensors.torch import load_file
-
-    from fedtune.report import write_summary
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, overrides)
     if cfg.personalize.method == "none":

@@ -100,7 +100,7 @@ def test_fedsa_replies_carry_only_lora_A_and_B_stays_on_the_client(tmp_path, tas
     # Evaluation uses the client's own B with the A the server sends.
     ev = handle_evaluate(_message(sent, 1, MessageType.EVALUATE), ctx)
     assert not ev.has_error()
-    from fedtune.client import _MODELS
+    from fedtune.client.setup import _MODELS
 
     model = next(iter(_MODELS.values())).model
     b_now = {n: p for n, p in model.named_parameters() if "lora_B" in n}
@@ -114,7 +114,7 @@ def test_ffa_trains_and_sends_only_lora_B(tmp_path, task_identity, initial):
     keys = list(reply.content["arrays"].keys())
     assert keys and all(".lora_B." in k for k in keys)
     assert any(np.abs(v).sum() > 0 for v in reply.content["arrays"].to_numpy_ndarrays())  # B moved off zero
-    from fedtune.client import _MODELS
+    from fedtune.client.setup import _MODELS
 
     model = next(iter(_MODELS.values())).model
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)

@@ -37,7 +37,7 @@ def test_a_budget_that_lasts_k_rounds_gives_exactly_k_rounds(tmp_path, task_iden
     cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
     ctx = _context(cfg)
     # The ε after k and k+1 rounds of this client's plan; a budget in between lasts k rounds.
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     plan = make_plan(cfg, len(setup(ctx).train))
     eps = [epsilon([plan.round_history] * r, plan.delta) for r in (k, k + 1)]
@@ -106,7 +106,8 @@ def test_without_dp_the_ledger_says_so_and_nothing_is_refused(tmp_path, task_ide
 
 KILLED_AFTER_RECORDING = """
 import os, signal, sys
-import fedtune.client as fc
+import fedtune.client.reply as reply
+from fedtune.client import handle_train
 from fedtune import config
 from fedtune.server import initial_adapter
 from flwr.supercore.task_identity import TaskIdentity
@@ -114,9 +115,9 @@ from tests.test_client import _context, _message
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 cfg = config.load(sys.argv[1])
-fc.ArrayRecord = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies as the update is packed
+reply.ArrayRecord = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)  # dies as the update is packed
 initial = initial_adapter(cfg, sys.argv[2])
-fc.handle_train(_message(initial, 1), _context(cfg))
+handle_train(_message(initial, 1), _context(cfg))
 print("the update left")
 """
 
@@ -132,7 +133,7 @@ def test_killed_between_recording_and_sending_the_spend_counts(tmp_path, task_id
     from tests.conftest import ROOT
 
     cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     plan = make_plan(cfg, len(setup(_context(cfg)).train))
     cfg = cfg.replace(privacy={"budget": epsilon([plan.round_history], plan.delta)})  # exactly one round
@@ -182,7 +183,7 @@ def test_a_round_asked_again_with_the_same_adapter_is_resent_not_charged(tmp_pat
     update goes out again, the ledger records a resend, not a second spend, and a budget
     that pays for exactly one round does not refuse it."""
     cfg = tiny_config(run={"dir": str(tmp_path)}, federation={"rounds": 4})
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     plan = make_plan(cfg, len(setup(_context(cfg)).train))
     cfg = cfg.replace(privacy={"budget": epsilon([plan.round_history], plan.delta)})  # exactly one round
@@ -238,7 +239,7 @@ def test_a_paid_round_is_never_sent_again_into_a_second_secure_sum_with_fresh_no
     import numpy as np
 
     from fedtune import release
-    from fedtune.client import _resend
+    from fedtune.client.state import resend as _resend
     from fedtune.privacy import Ledger
     from fedtune.runfolder import ledger_path, release_path
 

@@ -113,7 +113,7 @@ def test_the_same_run_meeting_the_policy_trains(tmp_path, task_identity, tiny_pa
 def test_a_weaker_client_level_epsilon_is_refused_at_the_first_secure_message(tmp_path, data_file):
     """Under SecAgg+ the first message is advertise: the client derives its distributed-DP
     noise from the run's plan only once the plan meets its policy."""
-    from fedtune.client import _check_encoding
+    from fedtune.client.secure import check_encoding as _check_encoding
     from fedtune.errors import FedtuneError
 
     cfg = tiny_config(federation={"clients": 3}, secagg={"enabled": True},

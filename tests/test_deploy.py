@@ -339,7 +339,7 @@ def _evaluate(cfg, node, initial):
 
 def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tmp_path, monkeypatch, task_identity,
                                                                               tiny_path):
-    import fedtune.client
+    import fedtune.client.setup
     import fedtune.data
     from fedtune.deploy.node import data_config
     from fedtune.model import load_tokenizer
@@ -347,20 +347,20 @@ def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tm
 
     cfg, node = _deployed(tmp_path, _rows(30))
     initial = initial_adapter(cfg, tiny_path)
-    monkeypatch.setattr(fedtune.client, "_MODELS", {})  # a fresh process: no model, no data in memory
-    monkeypatch.setattr(fedtune.client, "_DATA", {})
+    monkeypatch.setattr(fedtune.client.setup, "_MODELS", {})  # a fresh process: no model, no data in memory
+    monkeypatch.setattr(fedtune.client.setup, "_DATA", {})
     first = _evaluate(cfg, node, initial)
     cache = tmp_path / "state" / "cache" / "examples.npz"
     assert cache.is_file() and (cache.stat().st_mode & 0o777) == 0o600  # derived from private data
-    fedtune.client._DATA.clear()
-    fedtune.client._MODELS.clear()
+    fedtune.client.setup._DATA.clear()
+    fedtune.client.setup._MODELS.clear()
 
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("the cached examples were tokenized again")
 
     monkeypatch.setattr(fedtune.data, "client_examples", no_tokenizing)
     assert _evaluate(cfg, node, initial) == first
-    s = fedtune.client.setup(_context_of(cfg, node))
+    s = fedtune.client.setup.setup(_context_of(cfg, node))
     assert s.m._tokenizer is None  # nor was the tokenizer loaded
     monkeypatch.undo()
     fresh = fedtune.data.client_examples(data_config(cfg, node["data-file"]), 0, load_tokenizer(tiny_path))
@@ -370,7 +370,7 @@ def test_a_deployed_client_caches_its_tokenized_examples_and_notices_new_data(tm
     assert s.pad_id == load_tokenizer(tiny_path).pad_token_id
 
     def next_message():  # a fresh process: nothing read or tokenized in memory
-        fedtune.client._DATA.clear()
+        fedtune.client.setup._DATA.clear()
         fedtune.data.load_records.cache_clear()
         fedtune.data._client_splits.cache_clear()
 

@@ -24,7 +24,7 @@ def client_1_fails(monkeypatch):
     """client-1 runs out of memory in every training round and in every evaluation after
     the base model's (as the Ray workers of the issue did)."""
     import fedtune.train as train
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     real_train, real_eval = train.train_round, train.evaluate
     victim = {}

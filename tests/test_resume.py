@@ -183,7 +183,7 @@ def _cfg(run_dir, **sections):
 
 def _tight_budget(cfg) -> float:
     """Between what 2 and 3 rounds of client-2's plan cost: it pays for 2 rounds, not 3."""
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     ctx = Context(run_id=7, node_id=NODES[2], node_config={"partition-id": 2, "num-partitions": 3},
                   state=RecordDict(), run_config=config.to_flat(cfg))

@@ -48,7 +48,7 @@ def test_under_secagg_195_and_196_records_reveal_identical_metrics(tmp_path, tas
     grid = Grid(cfg)
     sec = _secure(cfg, initial, grid)
     assert not sec.aborted and sec.included == NODES
-    from fedtune.client import setup
+    from fedtune.client.setup import setup
 
     sizes = {n: len(setup(grid.contexts[n]).train) for n in NODES}
     small, large = (next(n for n in NODES if sizes[n] == size) for size in (195, 196))

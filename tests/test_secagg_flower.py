@@ -8,7 +8,8 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune import config
-from fedtune.client import REVEALED_UNDER_SECAGG, handle_train
+from fedtune.client import handle_train
+from fedtune.client.app import REVEALED_UNDER_SECAGG
 from fedtune.secagg.flower import STAGE, Encoding, from_record, secure_train, to_record
 from fedtune.server import initial_adapter
 from tests.conftest import tiny_config

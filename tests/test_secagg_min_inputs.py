@@ -120,7 +120,7 @@ def test_a_ddg_round_with_one_refusal_completes_with_its_noise_in_the_sum(tmp_pa
     """With client_dp.min_clients = all, a refusal used to drop its noise and abort the round.
     Now the refuser masks zero plus its own noise: the sum with it minus the sum without it is
     exactly that noise, and the spend counts 4 clients' noise."""
-    from fedtune.client import reproducible_seed, setup
+    from fedtune.client.setup import reproducible_seed, setup
     from tests.test_distributed_dp import _ddg_cfg, _ddg_round
 
     refuser = NODES[3]

@@ -116,7 +116,8 @@ def test_each_step_samples_people_and_at_most_k_of_their_records():
 
 
 def test_the_ledger_accounts_over_people_and_matches_dp_accounting(tmp_path, task_identity, initial):  # noqa: F811
-    from fedtune.client import handle_train, setup
+    from fedtune.client import handle_train
+    from fedtune.client.setup import setup
 
     cfg = user_config(people_file(tmp_path), run={"dir": str(tmp_path)}, federation={"clients": 1, "rounds": 2},
                       privacy={"records_per_user": 2})
@@ -138,7 +139,8 @@ def test_the_ledger_accounts_over_people_and_matches_dp_accounting(tmp_path, tas
 
 
 def test_budget_refuses_the_round_that_would_exceed_it_under_the_user_unit(tmp_path, task_identity, initial):  # noqa: F811
-    from fedtune.client import handle_train, setup
+    from fedtune.client import handle_train
+    from fedtune.client.setup import setup
 
     cfg = user_config(people_file(tmp_path), run={"dir": str(tmp_path)}, federation={"clients": 1, "rounds": 3})
     plan = make_plan(cfg, len(set(setup(_context(cfg)).train.users)))

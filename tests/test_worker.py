@@ -33,7 +33,7 @@ def _fab(marker) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("pyproject.toml", '[tool.flwr.app.components]\nclientapp = "client.client_app:app"\n')
-        for name in ("client/__init__.py", "client/client_app.py", "fedtune/__init__.py", "fedtune/client.py"):
+        for name in ("client/__init__.py", "client/client_app.py", "fedtune/__init__.py", "fedtune/client/__init__.py", "fedtune/client/app.py"):
             z.writestr(name, EVIL.format(marker=str(marker)))
     return buf.getvalue()
 

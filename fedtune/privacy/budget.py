@@ -100,16 +100,20 @@ class RoundDecision:
     reason: str = ""
 
 
-def check_round(history: list[tuple[float, float, int]], plan: Plan) -> RoundDecision:
-    """Whether one more round (``plan.steps_per_round`` steps) fits the budget."""
+def check_round(history: list[tuple[float, float, int]], plan: Plan, step: tuple[float, float, int] | None = None,
+                what: str = "this round", fix: str = "") -> RoundDecision:
+    """The budget rule: whether ``step`` (default: one round of the plan) fits the budget.
+
+    Used by the client (each round), the server (client-level DP, distributed DP) and
+    personalization; ``what`` and ``fix`` only word the reason."""
     if not plan.dp:
         return RoundDecision(True, math.inf, math.inf)
     before = epsilon(history, plan.delta, plan.accountant)
-    after = epsilon(list(history) + [plan.round_history], plan.delta, plan.accountant)
+    after = epsilon(list(history) + [step or plan.round_history], plan.delta, plan.accountant)
     if after > plan.budget:
         return RoundDecision(
             False, before, after,
-            f"privacy budget: this round would raise ε from {before:.3f} to {after:.3f} "
-            f"(δ={plan.delta:g}), above the budget of {plan.budget:g}",
+            f"privacy budget: {what} would raise ε from {before:.3f} to {after:.3f} "
+            f"(δ={plan.delta:g}), above the budget of {plan.budget:g}{fix}",
         )
     return RoundDecision(True, before, after)

@@ -4,6 +4,10 @@ Each line is one entry (the plan, a spend, a refusal) carrying ``seq``, the hash
 the previous entry and its own hash (SHA-256 of its canonical JSON), so an edited,
 reordered or deleted line breaks the chain. Appends are flushed and fsync'ed before
 ``append`` returns: a spend is on disk before the update it pays for leaves the client.
+
+Entries are written through one API (``record_plan``, ``record_spend``, ``record_refusal``,
+``record_resend``, ``record_abort``), used by the client, the server, a deployed client's
+lifetime ledger and personalization, so every ledger has one schema.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import FedtuneError
+from fedtune.runfolder import now
+
+if TYPE_CHECKING:
+    from fedtune.privacy.budget import Plan
 
 GENESIS = "0" * 64
 FORMAT = "fedtune-ledger/1"
@@ -99,3 +107,27 @@ class Ledger:
             finally:
                 os.close(dir_fd)
         return entry
+
+    # ---- the entries -----------------------------------------------------------------
+    def record_plan(self, plan: Plan, **about: Any) -> dict[str, Any]:
+        """The plan, fixed before the first round; ``about``: who, unit, what it covers."""
+        return self.append({**plan.to_entry(), **about, "time": now()})
+
+    def record_spend(self, round_: int | str, plan: Plan, epsilon: float, **fields: Any) -> dict[str, Any]:
+        """One paid round: the plan's step parameters unless ``fields`` says otherwise; durable on return."""
+        return self.append({"type": "spend", "round": round_, "steps": plan.steps_per_round,
+                            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier,
+                            "clip_norm": plan.clip_norm, "delta": plan.delta, "accountant": plan.accountant,
+                            "epsilon": epsilon, **fields, "time": now()})
+
+    def record_refusal(self, round_: int | str, reason: str, **fields: Any) -> dict[str, Any]:
+        """A round not trained (budget, policy); ``fields``: ε spent so far, ε if trained, budget."""
+        return self.append({"type": "refusal", "round": round_, **fields, "reason": reason, "time": now()})
+
+    def record_resend(self, round_: int, spend: str) -> dict[str, Any]:
+        """A paid round's update sent again (no new spend): ``spend`` is its spend entry's hash."""
+        return self.append({"type": "resend", "round": round_, "spend": spend, "time": now()})
+
+    def record_abort(self, round_: int, reason: str) -> dict[str, Any]:
+        """A secure round that released nothing."""
+        return self.append({"type": "abort", "round": round_, "reason": reason, "time": now()})
