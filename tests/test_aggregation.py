@@ -7,11 +7,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.aggregation import ServerOptimizer, kept, set_trainable, shared
+from fedtune.aggregation import kept, set_trainable, shared
+from fedtune.server.aggregation import ServerOptimizer
 from fedtune.client import handle_evaluate, handle_train
 from fedtune.runfolder import kept_adapter_path
 from fedtune.server import initial_adapter
-from fedtune.strategy import AdapterFedAvg
+from fedtune.server.strategy import AdapterFedAvg
 from tests.conftest import tiny_config
 from tests.test_client import _context, _message
 

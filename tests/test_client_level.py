@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 
 from fedtune.privacy import epsilon, epsilon_independent
 from fedtune.privacy.client_level import Sampler, clip_update, make_server_plan, update_norm
-from fedtune.strategy import ClientDPFedAvg
+from fedtune.server.strategy import ClientDPFedAvg
 from tests.conftest import tiny_config
 
 

@@ -14,7 +14,7 @@ from fedtune.privacy import Ledger
 from fedtune.privacy.audit import _refusals
 from fedtune.runfolder import ledger_path
 from fedtune.server import initial_adapter
-from fedtune.strategy import AdapterFedAvg
+from fedtune.server.strategy import AdapterFedAvg
 from tests.conftest import tiny_config
 
 
@@ -42,7 +42,7 @@ def _train(cfg, node, initial, server_round=1):
 
 def _server_sees(reply, monkeypatch) -> tuple[list[str], list[dict]]:
     """What the real server does with the reply: its log lines and the audit's refusals."""
-    import fedtune.strategy as strategy_mod
+    import fedtune.server.strategy as strategy_mod
 
     lines = []
     monkeypatch.setattr(strategy_mod, "log", lambda level, fmt, *args: lines.append(fmt % args))

@@ -222,8 +222,8 @@ def test_after_every_client_joined_a_round_goes_ahead_without_a_dead_one(task_id
     import numpy as np
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from fedtune.server import tolerate_dropouts
-    from fedtune.strategy import AdapterFedAvg
+    from fedtune.server.setup import tolerate_dropouts
+    from fedtune.server.strategy import AdapterFedAvg
 
     class Grid:  # 3 of the 4 clients still connected
         def get_node_ids(self):

@@ -16,7 +16,7 @@ import pytest
 from fedtune import config
 from fedtune.data import export_clients
 from fedtune.privacy import Ledger, epsilon, make_plan
-from fedtune.resume import completed_round
+from fedtune.server.resume import completed_round
 from fedtune.runfolder import read_json, read_jsonl
 from tests.conftest import tiny_config
 from tests.deployment import Federation, cli, wait_for

@@ -129,11 +129,11 @@ def _ddg_round(cfg, run_dir, grid, initial):
     from flwr.app import ArrayRecord
 
     from fedtune.secagg.flower import Encoding, secure_train
-    from fedtune.server import client_level, distributed_spend
+    from fedtune.server.budget import distributed_spend, server_plan
     from tests.test_secagg_flower import NODES
 
     dim = sum(v.numel() for v in initial.values())
-    ledger, plan, dplan = client_level(cfg, run_dir, dim)
+    ledger, plan, dplan = server_plan(cfg, run_dir, dim)
     enc = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=len(NODES), ddg=dplan)
     sec = secure_train(grid, NODES, 1, ArrayRecord(initial), enc, degree=cfg.secagg.degree, threshold=0, timeout=60,
                        before_unmask=distributed_spend(ledger, plan, dplan, 1, len(NODES)))

@@ -132,7 +132,7 @@ def test_the_headline_names_a_client_that_never_evaluated():
 ])
 def test_the_floor(statuses, floor, fails):
     from fedtune.floor import check_floor
-    from fedtune.strategy import Outcome
+    from fedtune.server.strategy import Outcome
 
     outcomes = [Outcome(i, f"client-{i}", st, reason="why" * (st != "ok")) for i, st in enumerate(statuses)]
     if fails:

@@ -15,7 +15,7 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from fedtune import names, runfolder
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import adapter_dir, atomic_write_bytes, client_dir, ledger_path
-from fedtune.strategy import MAX_METRICS, check_update
+from fedtune.server.strategy import MAX_METRICS, check_update
 from tests.test_strategy import TEMPLATE, _arrays, _record, _reply, _update
 
 EVIL = ["../../etc", "..", ".", "/abs", "a/b", ".hidden", "", "x" * 65, "a\nb", None, 7]
@@ -40,7 +40,7 @@ def test_safe_names_pass():
 def test_a_client_reporting_a_path_as_its_name_is_recorded_by_node(task_identity):
     """A lying client calls itself ../../x: the server's record (and in local mode the
     folder of its adapter, adapters/local-<name>) uses node-<id> instead."""
-    from fedtune.strategy import AdapterFedAvg
+    from fedtune.server.strategy import AdapterFedAvg
 
     strategy = AdapterFedAvg(num_clients=2, clients_per_round=2, template=TEMPLATE, local=True)
     liar = _reply(4, RecordDict({"arrays": _arrays(1.0), "metrics": MetricRecord({"num-examples": 3, "refused": 0}),

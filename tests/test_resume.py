@@ -14,7 +14,7 @@ from fedtune import config
 from fedtune.client import handle_evaluate, handle_train
 from fedtune.errors import FedtuneError
 from fedtune.privacy import Ledger, epsilon, make_plan
-from fedtune.resume import SERVER_LOCK, check, completed_round, restart
+from fedtune.server.resume import SERVER_LOCK, check, completed_round, restart
 from fedtune.runfolder import file_lock, ledger_path, read_json, read_jsonl, update_run_file
 from tests.conftest import tiny_config
 
@@ -96,8 +96,8 @@ def test_a_completed_run_or_a_folder_that_is_no_run_is_refused(tmp_path):
 
 @pytest.mark.parametrize("kind", ["avgm", "adam", "yogi"])
 def test_the_server_optimizer_continues_with_its_moments(tmp_path, kind):
-    from fedtune.aggregation import ServerOptimizer
-    from fedtune.resume import load_optimizer, save_optimizer
+    from fedtune.server.aggregation import ServerOptimizer
+    from fedtune.server.resume import load_optimizer, save_optimizer
 
     rng = np.random.default_rng(0)
     steps = [({"w": rng.normal(size=5).astype(np.float32)}, {"w": rng.normal(size=5).astype(np.float32)})

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from fedtune.strategy import AdapterFedAvg, check_update
+from fedtune.server.strategy import AdapterFedAvg, check_update
 
 TEMPLATE = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
 

@@ -24,7 +24,7 @@ from fedtune.deploy.settings import ClientSettings, load_client, load_server, no
 from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
 from fedtune.driver import RunFailed, app_dir, flower_env, stop_tree, tool
 from fedtune.errors import FedtuneError
-from fedtune.resume import SERVER_LOCK, check as check_resume, stored_config
+from fedtune.server.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
 
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts

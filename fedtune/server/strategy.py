@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedtune import names
+from fedtune.privacy.client_level import update_norm
 
 MAX_ABS_VALUE = 1e4  # larger adapter weights are a broken or hostile update, not training
 MAX_METRICS = 64  # a reply's metrics: fedtune's clients send about a dozen
@@ -209,8 +210,6 @@ class ClientDPFedAvg(AdapterFedAvg):
         return self._construct_messages(RecordDict({"arrays": arrays, "config": config}), self.sampled, MessageType.TRAIN)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        from fedtune.privacy.client_level import update_norm
-
         accepted = self.screen(server_round, replies)
         old = {k: v.numpy() for k, v in self._global.items()}
         deltas = []

@@ -33,7 +33,7 @@ from fedtune.runfolder import (
 if TYPE_CHECKING:
     import torch
 
-    from fedtune.aggregation import ServerOptimizer
+    from fedtune.server.aggregation import ServerOptimizer
 
 SERVER_LOCK = ".server.lock"  # held by the run's ServerApp while it runs
 METRICS = "metrics.jsonl"
