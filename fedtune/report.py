@@ -4,9 +4,9 @@ perplexity.png, built from the run folder alone (metrics.jsonl, run.json, ledger
 from __future__ import annotations
 
 import math
-import tomllib
 from pathlib import Path
 
+from fedtune import config
 from fedtune.floor import FAILED
 from fedtune.headline import same_records
 from fedtune.privacy import Ledger
@@ -26,7 +26,7 @@ def _fmt(x, digits: int = 2) -> str:
 def summarize(run_dir: Path) -> dict:
     """Numbers for the report, from the run folder."""
     run = read_json(run_dir / "run.json")
-    cfg = tomllib.loads((run_dir / "config.toml").read_text())
+    cfg = config.to_nested(config.load(run_dir / "config.toml"))  # the typed config, as plain sections
     rows = read_jsonl(run_dir / "metrics.jsonl")
     rounds = [r for r in rows if r["phase"] == "round"]
     evals = [r for r in rows if r["phase"] == "evaluate" and r.get("status") == "ok" and "perplexity" in r]

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedtune import config
 from fedtune.errors import FedtuneError
 
 PLANT_FILE = Path("audit") / "planted.json"
@@ -157,8 +158,6 @@ def _adapters(run_dir: Path, mode: str, clients: int) -> dict[int, Path]:
 
 def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dict:
     """Score the planted canaries and secrets with the run's final adapter(s)."""
-    import tomllib
-
     from peft import PeftModel
 
     from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_precision
@@ -169,16 +168,15 @@ def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dic
         raise FedtuneError(f"{run_dir} has no planted records ({PLANT_FILE}); rerun the simulation with "
                            "--canaries N (and --secrets N) to make an empirical audit possible")
     planted = read_json(path)
-    cfg = tomllib.loads((run_dir / "config.toml").read_text())
-    mode = cfg["federation"]["mode"]
-    clients = 1 if mode == "centralized" else cfg["federation"]["clients"]
-    adapters = _adapters(run_dir, mode, clients)
+    cfg = config.load(run_dir / "config.toml")
+    mode = cfg.federation.mode
+    adapters = _adapters(run_dir, mode, cfg.num_clients)
     missing = sorted({str(p) for p in adapters.values() if not (p / "adapter_config.json").is_file()})
     if missing:
         raise FedtuneError(f"trained adapter {missing[0]} is missing; the run did not finish")
     model_path = read_json(run_dir / "run.json")["model_path"]
     device = resolve_device("auto")
-    amp = resolve_precision(cfg["model"]["precision"], device)
+    amp = resolve_precision(cfg.model.precision, device)
     tokenizer = load_tokenizer(model_path)
     model = None
     loaded: dict[Path, str] = {}
