@@ -18,7 +18,7 @@ from pathlib import Path
 from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon
 from fedtune.privacy.ledger import Ledger
-from fedtune.runfolder import file_lock, now
+from fedtune.runfolder import file_lock
 
 FILE = "lifetime.jsonl"
 
@@ -73,15 +73,12 @@ class Lifetime:
     def spend(self, run: str, server_round: int | str, plan, run_epsilon: float) -> dict:
         """Record one trained round (durable before the update leaves)."""
         after = self.epsilon([plan.round_history])
-        return self.ledger.append({
-            "type": "spend", "run": run, "round": server_round, "steps": plan.steps_per_round,
-            "sample_rate": plan.sample_rate, "noise_multiplier": plan.noise_multiplier, "clip_norm": plan.clip_norm,
-            "run_delta": plan.delta, "run_accountant": plan.accountant, "run_epsilon": run_epsilon,
-            "delta": self.delta, "accountant": self.accountant, "epsilon": after, "budget": self.budget,
-            "time": now()})
+        return self.ledger.record_spend(server_round, plan, after, run=run, run_delta=plan.delta,
+                                        run_accountant=plan.accountant, run_epsilon=run_epsilon, delta=self.delta,
+                                        accountant=self.accountant, budget=self.budget)
 
     def refuse(self, run: str, server_round: int | str, reason: str) -> None:
-        self.ledger.append({"type": "refusal", "run": run, "round": server_round, "reason": reason, "time": now()})
+        self.ledger.record_refusal(server_round, reason, run=run)
 
 
 def _registered(ledger: Ledger) -> str:
@@ -103,7 +100,6 @@ def open_lifetime(state_dir: str | Path, dataset: str, data_file: str | Path, bu
     ledger = Ledger(path)
     known = _registered(ledger)  # FedtuneError naming file:line on a damaged ledger
     if known != digest:
-        ledger.append({"type": "dataset", "dataset": dataset, "digest": digest, "data_file": str(data_file),
-                       "previous": known, "time": now(),
-                       "note": "data file changed: the data set keeps its spend" if known else "registered"})
+        ledger.record_dataset(dataset, digest, str(data_file), known,
+                              "data file changed: the data set keeps its spend" if known else "registered")
     return Lifetime(ledger, dataset, policy.max_delta, accountant_of(policy.accountants), budget)

@@ -128,6 +128,11 @@ class Ledger:
         """A paid round's update sent again (no new spend): ``spend`` is its spend entry's hash."""
         return self.append({"type": "resend", "round": round_, "spend": spend, "time": now()})
 
+    def record_dataset(self, dataset: str, digest: str, data_file: str, previous: str, note: str) -> dict[str, Any]:
+        """A deployed client's lifetime ledger: the data file (its digest) the data set's spend goes with."""
+        return self.append({"type": "dataset", "dataset": dataset, "digest": digest, "data_file": data_file,
+                            "previous": previous, "time": now(), "note": note})
+
     def record_abort(self, round_: int, reason: str) -> dict[str, Any]:
         """A secure round that released nothing."""
         return self.append({"type": "abort", "round": round_, "reason": reason, "time": now()})

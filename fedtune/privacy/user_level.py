@@ -118,9 +118,7 @@ def check_same_unit(plan, cfg, ledger, server_round) -> None:
     if plan.privacy_unit != cfg.privacy.unit:
         reason = (f"ledger {ledger.path} was planned for privacy.unit = {plan.privacy_unit!r} but the run asks for "
                   f"{cfg.privacy.unit!r}; refusing: keep the unit fixed during a run (or start a new run)")
-        from fedtune.runfolder import now
-
-        ledger.append({"type": "refusal", "round": server_round, "reason": reason, "time": now()})
+        ledger.record_refusal(server_round, reason)
         raise FedtuneError(reason)
 
 
