@@ -180,7 +180,13 @@ def render(s: dict) -> str:
             f"| {c['client']} | {c.get('train_records', '–')} | {c.get('heldout_records', '–')} | "
             f"{_fmt(c.get('base_perplexity'))} → {_fmt(c.get('final_perplexity'))} | {_fmt(c.get('epsilon'))} | "
             f"{_fmt(c.get('budget'))} | {c.get('rounds_trained', 0)} | {c.get('refusals', 0)} |")
-    lines += ["", "## Privacy", ""]
+    lines += _privacy_lines(s, p) + _client_level_lines(s) + _after_lines(s)
+    return "\n".join(lines)
+
+
+def _privacy_lines(s: dict, p: dict) -> list[str]:
+    """Record-level DP: the unit, the guarantee, what it covers, each client's spend."""
+    lines = ["", "## Privacy", ""]
     if p["dp"]:
         first = next((c for c in s["clients"] if c.get("unit")), {})
         lines += [
@@ -198,6 +204,12 @@ def render(s: dict) -> str:
     else:
         lines += ["This run trained **without** record-level differential privacy: nothing bounds what the clients' "
                   "updates reveal about any record."]
+    return lines
+
+
+def _client_level_lines(s: dict) -> list[str]:
+    """The server's client-level DP guarantee, if the run had one."""
+    lines: list[str] = []
     cl = s.get("client_level")
     if cl:
         if cl.get("distributed"):
@@ -214,6 +226,12 @@ def render(s: dict) -> str:
                   f"update clip C = {cl['clip_norm']:g}, {noise}.",
                   f"- **Covers:** {cl['covers']}.", f"- **Not covered:** {cl['not_covered']}.",
                   f"- The server's spends are in `{cl['ledger']}`. Check everything with `fedtune audit --verify`."]
+    return lines
+
+
+def _after_lines(s: dict) -> list[str]:
+    """Personalization, baselines and the run folder's files."""
+    lines: list[str] = []
     pers = s.get("personalization")
     if pers:
         avg, worst = pers["average"], pers["worst"]
@@ -232,7 +250,7 @@ def render(s: dict) -> str:
                          f"{_fmt(row['epsilon'])} |")
     lines += ["", "Files: `metrics.jsonl` (per client, per round), `adapters/` (PEFT adapter folders), "
               "`config.toml` (the resolved config), `summary.json`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def write_summary(run_dir: str | Path, comparison: list[dict] | None = None) -> dict:
