@@ -361,11 +361,6 @@ class TokenizedData:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def num_tokens(self) -> int:
-        """Tokens that count in the loss (predicted completion tokens)."""
-        return sum(len(x) - max(s, 1) for x, s in zip(self.ids, self.starts))
-
 
 def tokenize(records: Dataset, tokenizer, max_length: int, users: list[str] | None = None) -> TokenizedData:
     """Prompt + completion + eos, truncated to ``max_length``; drops examples left with

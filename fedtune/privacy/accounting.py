@@ -29,12 +29,6 @@ def rdp_orders() -> list[float]:
     return sorted(set(RDPAccountant.DEFAULT_ALPHAS) | {80, 96, 128, 192, 256, 384, 512, 1024})
 
 
-def __getattr__(name: str):
-    if name == "RDP_ORDERS":
-        return rdp_orders()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _options(accountant: str) -> dict:
     return {"alphas": rdp_orders()} if accountant == "rdp" else {}
 
