@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedtune.privacy.accounting import calibrate_noise  # noqa: E402
-from fedtune.privacy.distributed import make_plan  # noqa: E402
+from fedtune.privacy.distributed import make_ddg_plan as make_plan  # noqa: E402
 from fedtune.secagg.encoding import DistributedGaussian, FixedPoint, WeightedFixedPoint  # noqa: E402
 
 EPSILON, DELTA, ROUNDS, BITS, CLIP = 8.0, 1e-3, 2, 24, 1.0

@@ -197,13 +197,13 @@ class LocalSuperLink:
 
 # ---- one simulated run ---------------------------------------------------------------------
 @dataclass
-class Outcome:
+class SimulationResult:
     run_dir: Path
     status: str
     summary: dict
 
 
-def run_simulation(cfg: config_mod.Config, run_dir: Path, link: LocalSuperLink, show) -> Outcome:
+def run_simulation(cfg: config_mod.Config, run_dir: Path, link: LocalSuperLink, show) -> SimulationResult:
     """Submit one run to ``link``, follow it to the end, return its outcome."""
     from fedtune.report import summarize
 
@@ -232,7 +232,7 @@ def run_simulation(cfg: config_mod.Config, run_dir: Path, link: LocalSuperLink, 
     if status != "finished:completed" or run.get("status") != "completed":
         error = run.get("error") or _tail(run_dir / "flower.log", 25)
         raise RunFailed(f"the run did not complete (Flower status {status}); see {run_dir}/flower.log\n{error}")
-    return Outcome(run_dir, status, summarize(run_dir))
+    return SimulationResult(run_dir, status, summarize(run_dir))
 
 
 BASELINES = {

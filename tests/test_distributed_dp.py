@@ -59,14 +59,14 @@ def test_conditional_rounding_is_unbiased_and_within_the_bound():
 
 
 def test_the_plan_reaches_the_target_noise_with_min_clients_and_fewer_fall_short():
-    plan = ddg.make_plan(0.9, clip_norm=1.0, bits=16, dim=10_000, min_clients=5, max_clients=8, denominator=8.0)
+    plan = ddg.make_ddg_plan(0.9, clip_norm=1.0, bits=16, dim=10_000, min_clients=5, max_clients=8, denominator=8.0)
     assert plan.noise_multiplier(5) >= 0.9 > plan.noise_multiplier(4)
     assert plan.noise_multiplier(8) > plan.noise_multiplier(5)  # more clients, more noise in the sum
     assert plan.l2_bound >= 2 ** 15  # rounding can only lengthen the vector
     # The field holds n_max updates plus 16σ of their noise, centred.
     assert 2 ** (plan.field_bits - 1) > 8 * plan.l2_bound + 16 * math.sqrt(8) * plan.local_stddev
     with pytest.raises(FedtuneError, match="raise secagg.bits"):
-        ddg.make_plan(0.5, 1.0, bits=2, dim=10_000, min_clients=500, max_clients=500, denominator=500.0)
+        ddg.make_ddg_plan(0.5, 1.0, bits=2, dim=10_000, min_clients=500, max_clients=500, denominator=500.0)
 
 
 def test_tau_charges_for_small_noise():
@@ -86,7 +86,7 @@ def test_accounting_agrees_with_dp_accounting_for_the_gaussian_it_reduces_to():
 
     from fedtune.privacy.accounting import rdp_orders
 
-    plan = ddg.make_plan(1.1, clip_norm=0.5, bits=20, dim=50_000, min_clients=6, max_clients=10, denominator=10.0)
+    plan = ddg.make_ddg_plan(1.1, clip_norm=0.5, bits=20, dim=50_000, min_clients=6, max_clients=10, denominator=10.0)
     survivors = [10, 9, 6, 8]
     ours = epsilon([(plan.noise_multiplier(n), 1.0, 1) for n in survivors], 1e-5, "rdp")
     acc = rdp.RdpAccountant(orders=rdp_orders())
@@ -100,7 +100,7 @@ def test_accounting_agrees_with_dp_accounting_for_the_gaussian_it_reduces_to():
 def test_the_encoded_sum_decodes_to_the_sum_plus_the_clients_noise():
     rng = np.random.default_rng(1)
     n, dim = 6, 4000
-    plan = ddg.make_plan(1.0, clip_norm=1.0, bits=18, dim=dim, min_clients=n, max_clients=n, denominator=float(n))
+    plan = ddg.make_ddg_plan(1.0, clip_norm=1.0, bits=18, dim=dim, min_clients=n, max_clients=n, denominator=float(n))
     coder = DistributedGaussian(plan)
     updates = [rng.normal(size=dim) * 0.01 for _ in range(n)]  # norm ≈ 0.63 < C
     updates[0] = updates[0] * 1e3  # one too long: clipped to C
@@ -263,7 +263,7 @@ def test_a_simulation_with_distributed_dp_passes_the_audit(tmp_path):
 
 
 def test_a_test_seed_fixes_a_clients_noise_and_no_seed_draws_fresh():
-    plan = ddg.make_plan(1.0, 1.0, 16, 50, 3, 3, 3.0)
+    plan = ddg.make_ddg_plan(1.0, 1.0, 16, 50, 3, 3, 3.0)
     coder, x = DistributedGaussian(plan), np.full(50, 0.01)
     seed = bytes(range(32))
     assert np.array_equal(coder.encode(x, 1.0, seed=seed), coder.encode(x, 1.0, seed=seed))

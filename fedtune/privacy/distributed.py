@@ -92,7 +92,7 @@ class DDGPlan:
             raise FedtuneError(f"distributed DP: malformed parameters ({e!r})") from None
 
 
-def make_plan(noise_multiplier: float, clip_norm: float, bits: int, dim: int, min_clients: int,
+def make_ddg_plan(noise_multiplier: float, clip_norm: float, bits: int, dim: int, min_clients: int,
               max_clients: int, denominator: float) -> DDGPlan:
     """Per-client σ so that ``min_clients`` clients give σ_eff ≥ ``noise_multiplier``.
 
@@ -126,7 +126,7 @@ def plan_for(cfg, dim: int, noise_multiplier: float | None = None) -> DDGPlan:
 
     z = make_server_plan(cfg).noise_multiplier if noise_multiplier is None else noise_multiplier
     n, c = cfg.num_clients, cfg.client_dp
-    return make_plan(z, c.clip_norm, cfg.secagg.bits, dim, c.min_clients or n, n, c.sample_rate * n)
+    return make_ddg_plan(z, c.clip_norm, cfg.secagg.bits, dim, c.min_clients or n, n, c.sample_rate * n)
 
 
 # ---- the client's side -----------------------------------------------------------------
