@@ -256,7 +256,8 @@ def handle_train(msg: Message, context: Context) -> Message:
         try:
             return handle_stage(msg, context, lambda m: _local_round(m, context, secure=True),
                                 check=lambda encoding: _check_encoding(context, encoding),
-                                min_inputs=lambda: _min_inputs(context), who=lambda: _name(context))
+                                min_inputs=lambda: _min_inputs(context), who=lambda: _name(context),
+                                bind=lambda r, digest: _bind(context, r, digest), keep=lambda: _identity_file(context))
         except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
             return _error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
     update = _local_round(msg, context, secure=False)
@@ -272,6 +273,20 @@ def handle_train(msg: Message, context: Context) -> Message:
         # The ledger's head, recorded by the server: a later rewrite of the ledger shows.
         "client": ConfigRecord(update.client),
     }), reply_to=msg)
+
+
+def _identity_file(context: Context) -> Path | None:
+    """Simulation: where this client keeps its secure-aggregation identity key for the run
+    (deployment: its registered key; an --insecure one without a key: its node state)."""
+    if deployed_node(context.node_config) is not None:
+        return None
+    return client_dir(run_dir_for(config_from_context(context), context.run_id), _name(context)) / "secagg-identity.pem"
+
+
+def _bind(context: Context, server_round: int, input_set: bytes) -> None:
+    """The input set this client signs for its release of the round, recorded first (fedtune.release)."""
+    s = setup(context)
+    release.bind(release_path(s.run_dir, s.name), server_round, input_set.hex())
 
 
 _DDG: dict[tuple, object] = {}
@@ -382,13 +397,17 @@ def _resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str,
         # Re-encoding draws fresh distributed-DP noise: two sums of the same update would average it down.
         raise FedtuneError(f"{s.name} already sent round {server_round} in a secure sum with its distributed-DP "
                            "noise; it will not send it again in a second sum (the round goes on without it)")
+    if secure and not last.input_set:  # one release, one sum (fedtune.release)
+        raise FedtuneError(f"{s.name} already masked round {server_round}'s update into a secure sum whose input set "
+                           "it never signed; it will not mask it into another (the round goes on without it)")
     ledger.append({"type": "resend", "round": server_round, "spend": head, "time": now()})
     state = last.state
     if not secure:
         import torch
 
         state = {k: torch.from_numpy(v) for k, v in state.items()}
-    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client, seed)
+    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client, seed,
+                       bytes.fromhex(last.input_set))
 
 
 def _refuse(s: ClientSetup, ledger: Ledger, server_round: int, secure: bool, reason: str, spent: float,

@@ -7,18 +7,20 @@ in its keys folder (``FEDTUNE_CLIENT_KEYS``, set by ``fedtune server start``). A
 names itself is admitted to the round's roster only with that name's registered key, so
 one registered client cannot speak for another.
 
-Simulation: a per-client Ed25519 key created for the run and kept in the node's state; the
-server admits what the nodes present (a simulation trusts its own key setup).
+Simulation: a per-client Ed25519 key created for the run and kept in the client's run
+folder; the server admits what the nodes present (a simulation trusts its own key setup).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from cryptography.hazmat.primitives import serialization
 from flwr.app import ConfigRecord, Context
 
+from fedtune.runfolder import atomic_write_bytes
 from fedtune.secagg import identity
 from fedtune.secagg.protocol import SecAggError
 
@@ -37,27 +39,42 @@ def load_private(path: str | Path) -> identity.SigningKey:
     return key
 
 
-def node_identity(context: Context) -> identity.SigningKey:
-    """This node's signing key: its authentication key in deployment, else one for the run."""
+def registered(context: Context) -> bool:
+    """Whether this node signs with its registered authentication key (a deployment)."""
     path = context.node_config.get("identity-key")
-    if path and Path(str(path)).expanduser().is_file():  # absent: an --insecure test deployment
-        return load_private(str(path))
+    return bool(path) and Path(str(path)).expanduser().is_file()  # absent: an --insecure test deployment
+
+
+def node_identity(context: Context, keep: Path | None = None) -> identity.SigningKey:
+    """This node's signing key: its authentication key in deployment, else one for the run,
+    kept in the file ``keep`` (the client's run folder: the same key after a restart, so a
+    resend's input set is recognised) or, without one, in the node state."""
+    if registered(context):
+        return load_private(str(context.node_config["identity-key"]))
+    if keep is not None and keep.is_file():
+        return serialization.load_pem_private_key(keep.read_bytes(), password=None)  # type: ignore[return-value]
     record = context.state.config_records.get(STATE)
-    if record is not None:
+    if record is not None and keep is None:
         return serialization.load_der_private_key(bytes(record["der"]), password=None)  # type: ignore[return-value]
     key = identity.generate()
+    if keep is not None:
+        atomic_write_bytes(keep, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()), mode=0o600)
+        return key
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     context.state[STATE] = ConfigRecord({"der": der})
     return key
 
 
-def registered_check(folder: str | None = None):
-    """``check(node, name, public)`` -> "" or why the node is not admitted: with a keys folder
-    (deployment) the public key must be the one registered under that name."""
+def registered_check(folder: str | None = None) -> Callable[[int, str, bytes], str] | None:
+    """``check(node, name, public)`` -> "" or why the node is not admitted: the public key must
+    be the one registered under that name in the keys folder (deployment). None without a
+    folder: a simulation, where a node signing with a registered key fails the round
+    (flower_server._identify), never a silent fallback to self-reported names."""
     folder = folder if folder is not None else os.environ.get(KEYS_ENV, "")
     if not folder:
-        return lambda node, name, public: ""
+        return None
 
     def check(node: int, name: str, public: bytes) -> str:
         path = Path(folder) / f"{name}.pub"
