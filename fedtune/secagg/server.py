@@ -318,7 +318,7 @@ class SecAggServer:
             self._asked[cid] = (survivors, dropped)
             requests[cid] = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
             if self.setup.roster:
-                requests[cid]["signatures"] = dict(signers)
+                requests[cid]["signatures"] = dict(sorted(signers.items())[:self.setup.quorum])  # all it needs
         return requests
 
     def receive_unmask(self, replies: Replies) -> SecAggResult:
