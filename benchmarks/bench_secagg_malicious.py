@@ -8,8 +8,9 @@ flower_client): the identify and graph stages (identity key, the graph seed's co
 coin toss, coin.check_setup), identity signatures on the advertised keys and the input
 declaration, the neighbours' key signatures checked at share, the consistency stage (every
 survivor's declaration checked, the survivor set signed) and the quorum of survivor
-signatures checked before unmask. Identity keys are ECDSA P-384 (a deployment's SuperNode
-keys; --identity ed25519 for a simulation's); loading a key file is not timed.
+signatures checked before unmask. Identity keys are Ed25519; in deployment (the default;
+--identity simulation leaves it out) each is certified at identify by the client's P-384
+SuperNode key and the server checks the certificates. Loading key files is not timed.
 
 Bytes are payload bytes as in bench_secagg.py (byte strings at their length, numbers at 8).
 Times are wall-clock on whatever machine runs it; the variants alternate order per case.
@@ -72,27 +73,38 @@ class Meter:
         return replies
 
 
-def _identity_keys(ids, kind: str):
-    return {c: identity.generate() if kind == "ed25519" else ec.generate_private_key(ec.SECP384R1()) for c in ids}
+def _identity_keys(ids):
+    """Each client's Ed25519 identity key and, in deployment, its P-384 registered key."""
+    return {c: identity.generate() for c in ids}, {c: ec.generate_private_key(ec.SECP384R1()) for c in ids}
 
 
-def _coin_toss(ids, keys, meter: Meter) -> tuple[dict[int, Any], bytes]:
-    """identify and graph, as flower_server/flower_client run them: setup extras, graph seed."""
+def _coin_toss(ids, keys, registered, meter: Meter, deployment: bool) -> tuple[dict[int, Any], bytes]:
+    """identify (with the certificate in deployment) and graph, as flower_server/flower_client
+    run them: setup extras, graph seed."""
     server_seed = os.urandom(32)
     commit = meter.serve(coin.commit, server_seed)
     nonces: dict[int, bytes] = {}
+    reg_pub = {c: identity.public_bytes(k) for c, k in registered.items()}  # the server's keys folder
 
     def identify(c, req):
         nonces[c] = os.urandom(coin.NONCE_BYTES)
-        return {"name": f"client-{c}", "identity": identity.public_bytes(keys[c]), "registered": 1,
-                "nonce_commit": coin.commit(nonces[c])}
+        public = identity.public_bytes(keys[c])
+        reply = {"name": f"client-{c}", "identity": public, "registered": int(deployment),
+                 "nonce_commit": coin.commit(nonces[c])}
+        if deployment:
+            reply["cert"] = identity.sign(registered[c], identity.CERTIFY, b"", public)
+        return reply
 
     replies = meter.ask({c: {"graph_commit": commit} for c in ids}, identify)
+    if deployment:  # admission: each certificate checked against the registered key
+        for c, r in replies.items():
+            assert meter.serve(identity.verify, reg_pub[c], r["cert"], identity.CERTIFY, b"", r["identity"])
     commits = {c: r["nonce_commit"] for c, r in replies.items()}
-    revealed = meter.ask({c: {"commits": commits} for c in ids}, lambda c, req: {"nonce": nonces[c]})
+    shown = meter.serve(coin.digest, commits)
+    revealed = meter.ask({c: {"commits_digest": shown} for c in ids}, lambda c, req: {"nonce": nonces[c]})
     graph_seed = meter.serve(coin.draw, server_seed, {c: r["nonce"] for c, r in revealed.items()})
     extra = {"server_seed": server_seed, "nonces": {c: r["nonce"] for c, r in revealed.items()}}
-    return {"extra": extra, "commit": commit, "commits": commits, "nonces": nonces}, graph_seed
+    return {"extra": extra, "commit": commit, "shown": shown, "nonces": nonces}, graph_seed
 
 
 def run_variant(d: int, n: int, malicious: bool, args, inputs, weights) -> dict[str, Any]:
@@ -100,9 +112,10 @@ def run_variant(d: int, n: int, malicious: bool, args, inputs, weights) -> dict[
     meter = Meter(ids)
     enc = WeightedFixedPoint(FixedPoint(clip=args.clip, bits=args.bits, n_max=n), max_weight=float(args.max_weight))
     params = SecAggParams(field_bits=enc.field_bits, length=enc.length(d), degree=args.degree, min_inputs=2)
-    keys, toss, seed = (_identity_keys(ids, args.identity), None, None) if malicious else ({}, None, None)
+    keys, toss, seed = {}, None, None
     if malicious:
-        toss, seed = _coin_toss(ids, keys, meter)
+        keys, registered = _identity_keys(ids)
+        toss, seed = _coin_toss(ids, keys, registered, meter, args.identity == "deployment")
     roster = {c: identity.public_bytes(keys[c]) for c in ids} if malicious else {}
     server = meter.serve(lambda: SecAggServer(params, ids, graph_seed=seed, roster=roster))
     setup = meter.serve(server.advertise_request)
@@ -110,7 +123,7 @@ def run_variant(d: int, n: int, malicious: bool, args, inputs, weights) -> dict[
 
     def advertise(c, req):
         if malicious:
-            coin.check_setup(c, {**req, **toss["extra"]}, toss["commit"], toss["commits"], toss["nonces"][c])
+            coin.check_setup(c, {**req, **toss["extra"]}, toss["commit"], toss["shown"], toss["nonces"][c])
         clients[c] = SecAggClient(c, req, keys.get(c))
         return clients[c].advertise_keys()
 
@@ -164,7 +177,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# SecAgg+ secure against a malicious server: added cost over honest-but-curious\n",
         f"One round, both variants side by side in one process, same inputs (normal(0, {a['scale']}) updates, weights "
         f"1..{a['max_weight']}), {a['bits']}-bit weighted fixed point, neighbour degree {a['degree']}, no dropouts; "
-        f"identity keys {a['identity']}. {result['machine']}. {result['load']}. {result['note']}.\n",
+        f"identity keys: {a['identity']} (Ed25519{', certified by P-384 SuperNode keys' if a['identity'] == 'deployment' else ''}). {result['machine']}. {result['load']}. {result['note']}.\n",
         "Client s = median client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
         "signatures and their checks, the consistency stage). Upload ratio = largest client's upload, all stages, "
         "over its fp32 update (target ≤ 1.1). Extra KB = the largest client's added upload / download "
@@ -192,7 +205,7 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=SECAGG.clip)
     ap.add_argument("--max-weight", type=int, default=int(SECAGG.max_weight))
     ap.add_argument("--scale", type=float, default=1e-3)
-    ap.add_argument("--identity", choices=["ecdsa-p384", "ed25519"], default="ecdsa-p384")
+    ap.add_argument("--identity", choices=["deployment", "simulation"], default="deployment")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     t0, cases = pc(), []

@@ -275,18 +275,21 @@ def handle_train(msg: Message, context: Context) -> Message:
     }), reply_to=msg)
 
 
-def _identity_file(context: Context) -> Path | None:
-    """Simulation: where this client keeps its secure-aggregation identity key for the run
-    (deployment: its registered key; an --insecure one without a key: its node state)."""
-    if deployed_node(context.node_config) is not None:
-        return None
-    return client_dir(run_dir_for(config_from_context(context), context.run_id), _name(context)) / "secagg-identity.pem"
+def _own_run_dir(context: Context) -> Path:
+    """This client's run folder, without loading the model (secure aggregation's key stages)."""
+    node = deployed_node(context.node_config)
+    return node.run_dir(_own_config(context)) if node is not None else run_dir_for(
+        config_from_context(context), context.run_id)
+
+
+def _identity_file(context: Context) -> Path:
+    """Where this client keeps its secure-aggregation identity key for the run (fedtune.secagg.roster)."""
+    return client_dir(_own_run_dir(context), _name(context)) / "secagg-identity.pem"
 
 
 def _bind(context: Context, server_round: int, input_set: bytes) -> None:
     """The input set this client signs for its release of the round, recorded first (fedtune.release)."""
-    s = setup(context)
-    release.bind(release_path(s.run_dir, s.name), server_round, input_set.hex())
+    release.bind(release_path(_own_run_dir(context), _name(context)), server_round, input_set.hex())
 
 
 _DDG: dict[tuple, object] = {}

@@ -99,29 +99,36 @@ def test_different_graphs_told_to_different_clients_are_refused_at_share(tmp_pat
         assert (named in half) != (n in half)  # the party named is one told the other graph
 
 
-def test_an_altered_commitment_is_refused_by_its_owner(tmp_path, task_identity, initial):
-    victim = NODES[1]
-
-    def tamper(stage, node, msg):
-        if stage == "graph" and node == victim:  # the victim's own commitment replaced by the server's
-            return _rewrite(msg, node, lambda b: b["commits"].update({victim: coin.commit(os.urandom(32))}))
-        return msg
-
-    sec = _run(tmp_path, initial, tamper)
-    assert f"client {victim}: stage 'graph': the server's list of nonce commitments omits or alters" in sec.lost[victim]
-
-
-def test_an_altered_nonce_is_refused_naming_its_owner(tmp_path, task_identity, initial):
+def test_a_nonce_altered_after_the_commitments_were_fixed_is_refused(tmp_path, task_identity, initial):
     target = NODES[2]
 
     def tamper(stage, node, msg):
-        if stage == "advertise":  # a client's nonce replaced in everyone's setup
+        if stage == "advertise":  # one client's nonce replaced (e.g. by one ground to place the target)
             return _rewrite(msg, node, lambda b: b["nonces"].update({target: os.urandom(32)}))
         return msg
 
     sec = _run(tmp_path, initial, tamper)
     for n in NODES:
-        assert f"client {target}'s graph nonce in the server's setup does not match its commitment" in sec.lost[n]
+        assert f"client {n}: stage 'advertise': the graph nonces in the server's setup are not the ones committed " \
+               "to before stage 'graph'" in sec.lost[n]
+
+
+def test_a_client_left_out_of_the_graph_seed_refuses(tmp_path, task_identity, initial):
+    victim = NODES[1]
+
+    def tamper(stage, node, msg):
+        if stage == "advertise" and node == victim:  # its nonce swapped for another (commitments and seed to match)
+            def change(b):
+                b["nonces"][victim] = os.urandom(32)
+                b["graph_seed"] = coin.draw(b["server_seed"], b["nonces"])
+            return _rewrite(msg, node, change)
+        return msg
+
+    cfg = _cfg(tmp_path, "secure")
+    sec = _secure(cfg, initial, Grid(cfg, tamper=tamper))  # the others' setups are honest: they go on
+    assert f"client {victim}: stage 'advertise': the graph nonces in the server's setup are not the ones" \
+        in sec.lost[victim] and victim not in sec.included
+    assert Ledger(ledger_path(tmp_path / "secure", "client-1")).spends() == []
 
 
 def test_a_node_that_commits_and_does_not_reveal_aborts_the_round(tmp_path, task_identity, initial):
@@ -143,12 +150,15 @@ def test_a_registered_client_before_a_server_without_the_keys_folder_fails_the_r
     enc = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=len(NODES))
     sec = secure_train(grid, NODES, 1, ArrayRecord(initial), enc, degree=cfg.secagg.degree, threshold=0,
                        timeout=60, admit=registered_check(""))  # FEDTUNE_CLIENT_KEYS absent
-    assert sec.aborted.startswith(f"secure aggregation: stage 'identify': node {NODES[1]} ('client-1') signs with its "
-                                  "registered key, but this ServerApp has no FEDTUNE_CLIENT_KEYS folder")
+    assert sec.aborted.startswith(f"secure aggregation: stage 'identify': node {NODES[1]} ('client-1') holds a "
+                                  "registered key (a deployment), but this ServerApp has no FEDTUNE_CLIENT_KEYS folder")
     assert not any(stage == "graph" for stage, _, _ in grid.seen)
     # With the folder, the same node is admitted under its name; the unregistered ones are not.
-    sec = secure_train(Grid(cfg), NODES, 1, ArrayRecord(initial), enc, degree=cfg.secagg.degree, threshold=0,
+    grid = Grid(cfg)
+    grid.contexts[NODES[1]].node_config["identity-key"] = str(private)
+    sec = secure_train(grid, NODES, 1, ArrayRecord(initial), enc, degree=cfg.secagg.degree, threshold=0,
                        timeout=60, admit=registered_check(str(tmp_path / "keys")))
+    assert NODES[1] not in sec.lost and sec.names[NODES[1]] == "client-1"
     assert all("has no registered key" in sec.lost[n] for n in NODES if n != NODES[1])
 
 

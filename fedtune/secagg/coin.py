@@ -4,12 +4,13 @@ random and not the adversary's choice; this is how fedtune gets there without a 
 
   identify  the server sends commit(server seed), fixed before it sees any client's reply;
             each client answers with commit(its fresh 32-byte nonce)
-  graph     the server shows every admitted client all the nonce commitments; each client
-            finds its own there and only then reveals its nonce
+  graph     the server fixes the list of admitted clients' nonce commitments and shows each
+            client its digest; only then does the client reveal its nonce
   advertise the setup carries the server's seed, every nonce and
             graph_seed = draw(server seed, nonces); each client checks the seed against the
-            commitment it got at identify, every nonce against the commitment it was shown,
-            its own nonce, and the graph seed, and refuses the round on any mismatch
+            commitment it got at identify, the nonces against the digest it was shown (so
+            every nonce against its commitment), its own nonce, and the graph seed, and
+            refuses the round on any mismatch
 
 The server commits before it sees a nonce and cannot change its seed; a client (even one
 the server controls) commits before it sees another's nonce. So the graph is uniformly
@@ -52,23 +53,30 @@ def opens(commitment: object, value: object) -> bool:
         hmac.compare_digest(commit(value), commitment)
 
 
-def check_setup(me: int, setup: Mapping, server_commit: bytes, commits: Mapping[int, bytes], nonce: bytes) -> None:
+def digest(commits: Mapping[int, bytes]) -> bytes:
+    """What a client is shown at stage 'graph': SHA-256 of every (id, nonce commitment), in id order
+    (32 bytes instead of the whole list; the nonces at advertise must hash back to it)."""
+    h = hashlib.sha256(DOMAIN + b"|commits|")
+    for cid in sorted(commits):
+        h.update(int(cid).to_bytes(8, "big") + commits[cid])
+    return h.digest()
+
+
+def check_setup(me: int, setup: Mapping, server_commit: bytes, commits_digest: bytes, nonce: bytes) -> None:
     """The client's check at advertise of the graph seed in ``setup`` (which carries
     ``server_seed``, ``nonces``, ``graph_seed`` and ``client_ids``): raises SecAggError naming
-    the stage and the party at fault."""
+    the stage and the party at fault (the server: it assembles every message)."""
     where = f"client {me}: stage 'advertise'"
     server_seed, nonces = setup.get("server_seed"), setup.get("nonces")
     if not opens(server_commit, server_seed):
         raise SecAggError(f"{where}: the server's revealed graph seed does not match the commitment it sent at "
                           "stage 'identify'; refusing the round")
-    if not isinstance(nonces, Mapping) or set(nonces) != set(commits) or \
-            set(int(c) for c in setup.get("client_ids") or []) != set(commits):
-        raise SecAggError(f"{where}: the server's setup names other clients than the nonce commitments it showed at "
-                          "stage 'graph'; refusing the round")
-    for cid in sorted(commits):
-        if not opens(commits[cid], nonces[cid]):
-            raise SecAggError(f"{where}: client {cid}'s graph nonce in the server's setup does not match its "
-                              "commitment; refusing the round")
+    if not isinstance(nonces, Mapping) or not all(isinstance(v, bytes) for v in nonces.values()) or \
+            set(int(c) for c in setup.get("client_ids") or []) != set(nonces):
+        raise SecAggError(f"{where}: the server's setup names other clients than it has graph nonces for; refusing")
+    if not hmac.compare_digest(digest({c: commit(v) for c, v in nonces.items()}), commits_digest):
+        raise SecAggError(f"{where}: the graph nonces in the server's setup are not the ones committed to before "
+                          "stage 'graph' (the server altered, added or dropped one); refusing the round")
     if nonces.get(me) != nonce:
         raise SecAggError(f"{where}: the server's setup does not carry this client's own graph nonce; refusing")
     if setup.get("graph_seed") != draw(server_seed, nonces):  # type: ignore[arg-type]

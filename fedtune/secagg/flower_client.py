@@ -20,7 +20,7 @@ from flwr.common.logger import log
 from fedtune.secagg import coin, identity
 from fedtune.secagg.client import SecAggClient
 from fedtune.secagg.protocol import SecAggError, Stage
-from fedtune.secagg.roster import node_identity, registered
+from fedtune.secagg.roster import certificate, node_identity, registered
 from fedtune.secagg.wire import ENCODING, GRAPH, IDENTIFY, MASKED, STAGE, STATE, Encoding, flatten, from_record, to_record
 
 COIN = "fedtune-secagg-coin"  # the graph seed's coin toss, between identify and advertise (coin.py)
@@ -98,8 +98,8 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
 
 
 def _coin_stage(msg: Message, context: Context, key: identity.SigningKey, who: Callable[[], str] | None) -> Message:
-    """identify: name, identity key, whether it is registered (deployment) and a commitment to
-    a fresh graph nonce; graph: the nonce, once this client's commitment is among those shown."""
+    """identify: name, identity key (deployment: with its certificate) and a commitment to a
+    fresh graph nonce; graph: the nonce, once the server fixed the commitments' digest."""
     body = from_record(msg.content["config"])
     if str(msg.content["config"][STAGE]) == IDENTIFY:
         server_commit = body.get("graph_commit")
@@ -108,15 +108,16 @@ def _coin_stage(msg: Message, context: Context, key: identity.SigningKey, who: C
                               "(the graph would be its choice); refusing the round")
         nonce = os.urandom(coin.NONCE_BYTES)
         context.state[COIN] = ConfigRecord({"json": json.dumps({"server": server_commit.hex(), "nonce": nonce.hex()})})
-        return _reply(msg, {"name": who() if who is not None else f"node-{context.node_id}",
-                            "identity": identity.public_bytes(key), "registered": int(registered(context)),
-                            "nonce_commit": coin.commit(nonce)})
+        public = identity.public_bytes(key)
+        reply = {"name": who() if who is not None else f"node-{context.node_id}", "identity": public,
+                 "registered": int(registered(context)), "nonce_commit": coin.commit(nonce)}
+        return _reply(msg, {**reply, "cert": certificate(context, public)} if reply["registered"] else reply)
     state = _coin(context, GRAPH)
-    commits = body.get("commits")
-    if not isinstance(commits, dict) or commits.get(context.node_id) != coin.commit(bytes.fromhex(state["nonce"])):
-        raise SecAggError(f"client {context.node_id}: stage 'graph': the server's list of nonce commitments omits or "
-                          "alters this client's; refusing the round")
-    state["commits"] = {str(n): bytes(c).hex() for n, c in commits.items()}
+    shown = body.get("commits_digest")
+    if not isinstance(shown, bytes) or len(shown) != 32:
+        raise SecAggError(f"client {context.node_id}: stage 'graph': the server fixed no list of nonce commitments; "
+                          "refusing the round")
+    state["commits"] = shown.hex()
     context.state[COIN] = ConfigRecord({"json": json.dumps(state)})
     return _reply(msg, {"nonce": bytes.fromhex(state["nonce"])})
 
@@ -135,8 +136,8 @@ def _check_graph(context: Context, setup: dict[str, Any]) -> None:
     if "commits" not in state:
         raise SecAggError(f"client {context.node_id}: stage 'advertise' arrived before stage 'graph'; refusing the round")
     del context.state[COIN]  # one setup per coin toss
-    coin.check_setup(context.node_id, setup, bytes.fromhex(state["server"]),
-                     {int(n): bytes.fromhex(c) for n, c in state["commits"].items()}, bytes.fromhex(state["nonce"]))
+    coin.check_setup(context.node_id, setup, bytes.fromhex(state["server"]), bytes.fromhex(state["commits"]),
+                     bytes.fromhex(state["nonce"]))
 
 
 def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: Callable[[Encoding], None] | None,

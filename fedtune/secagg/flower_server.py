@@ -25,7 +25,7 @@ from fedtune.secagg.protocol import SecAggAborted, SecAggError, SecAggParams, St
 from fedtune.secagg.server import SecAggServer
 from fedtune.secagg.wire import ENCODING, GRAPH, IDENTIFY, MASKED, STAGE, Encoding, from_record, to_record
 
-Admit = Callable[[int, str, bytes], str]
+Admit = Callable[[int, str, bytes, bytes], str]  # node, name, identity key, its certificate
 
 
 @dataclass
@@ -109,18 +109,19 @@ def _identify(stages: _Stages, nodes: list[int], admit: Admit | None,
     """The round's roster (node -> identity public key) and each node's commitment to its graph
     nonce, for the nodes ``admit`` accepts under the name they give (deployment: that name's
     registered key). Names go to ``out.names``. Without ``admit`` (no keys folder) a node that
-    signs with a registered key (a deployment) fails the round: names would not be bound."""
+    holds a registered key (a deployment) fails the round: names would not be bound."""
     roster, commits = {}, {}
     for node, body in stages.ask(IDENTIFY, {n: {"graph_commit": server_commit} for n in nodes}).items():
         name, public = str(body.get("name", "")), body.get("identity")
         if admit is None and body.get("registered"):
-            raise SecAggAborted(f"secure aggregation: stage 'identify': node {node} ({name!r}) signs with its registered "
-                                f"key, but this ServerApp has no {KEYS_ENV} folder to bind names to keys; the round "
+            raise SecAggAborted(f"secure aggregation: stage 'identify': node {node} ({name!r}) holds a registered key "
+                                f"(a deployment), but this ServerApp has no {KEYS_ENV} folder to bind names to keys; the round "
                                 "fails (start the server with `fedtune server start`)")
         why = "" if isinstance(public, bytes) and identity.check_public(public) else f"node {node} sent no identity key"
         why = why or ("" if isinstance(body.get("nonce_commit"), bytes) and len(body["nonce_commit"]) == 32
                       else f"node {node} sent no commitment to a graph nonce")
-        why = why or (admit(node, name, public) if admit is not None else "")
+        cert = body.get("cert", b"")
+        why = why or (admit(node, name, public, cert if isinstance(cert, bytes) else b"") if admit is not None else "")
         if why:
             stages.out.lost.setdefault(node, why)
             log(WARNING, "secure aggregation: stage 'identify': %s; not admitted to the round", why)
@@ -132,7 +133,8 @@ def _identify(stages: _Stages, nodes: list[int], admit: Admit | None,
 def _draw_graph(stages: _Stages, commits: dict[int, bytes], server_seed: bytes) -> tuple[bytes, dict[int, bytes]]:
     """Stage 'graph': every admitted node reveals its nonce; one that does not aborts the round
     (the server may not choose whose nonces count). The graph seed and the nonces."""
-    replies = stages.ask(GRAPH, {n: {"commits": commits} for n in commits})
+    shown = coin.digest(commits)
+    replies = stages.ask(GRAPH, {n: {"commits_digest": shown} for n in commits})
     nonces = {n: b.get("nonce") for n, b in replies.items()}
     missing = sorted(n for n in commits if not coin.opens(commits[n], nonces.get(n)))
     if missing:
@@ -157,7 +159,7 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
     """One training round of ``nodes`` under SecAgg+ secure against a malicious server;
     never raises for a client's fault.
 
-    ``admit(node, name, public key)`` vets each node's identity (deployment: the name's
+    ``admit(node, name, public key, certificate)`` vets each node's identity (deployment: the name's
     registered key; roster.registered_check; None: no keys folder, a simulation). ``before_unmask(included)`` runs once the
     inputs in the sum are fixed and signed, before anything is unmasked; a non-empty answer
     aborts the round (distributed DP: too few clients' noise, or over budget; its spend is

@@ -5,8 +5,9 @@ advertises, whether its masked input is a real update, and the survivor set it w
 A signed statement binds a label, the round's setup digest (so nothing carries over to
 another round or run) and its fields, each length-prefixed. Keys are ``cryptography``'s
 Ed25519 (simulation: one pair per client per run) or ECDSA over P-256/384/521 with SHA-384
-(deployment: the SuperNode's authentication key from `fedtune keys`); public keys travel
-as DER SubjectPublicKeyInfo.
+(one per client per run) and, in deployment, ECDSA over P-256/384/521 with SHA-384: the
+SuperNode's authentication key from `fedtune keys` certifies the Ed25519 one (roster.py);
+public keys travel as DER SubjectPublicKeyInfo.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DOMAIN = b"fedtune-secagg-identity/1"
 ADVERTISE = b"advertise"  # (id, pk_enc, pk_mask)
 INPUT = b"input"  # (id, real, bound: a resend's first input set, or b"")
 SURVIVORS = b"survivors"  # (sorted survivor ids)
+CERTIFY = b"certify"  # (the identity key), by a deployed client's registered key; digest b""
 
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
