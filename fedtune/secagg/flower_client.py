@@ -144,11 +144,11 @@ def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: 
                min_inputs: Callable[[], int] | None) -> Message:
     config = msg.content["config"]
     body = from_record(config)
-    _check_graph(context, body)
     client = SecAggClient(context.node_id, {k: body.get(k) for k in SETUP_KEYS}, key)
     if not client.setup.roster:
         raise SecAggError("secure aggregation: stage 'advertise': the server's setup has no identity roster (the "
                           "checks against a lying server would be off); refusing the round")
+    _check_graph(context, body)
     if min_inputs is not None and client.setup.params.min_inputs < min_inputs():
         raise SecAggError(f"secure aggregation: the server asks for sums of at least "
                           f"{client.setup.params.min_inputs} real inputs, this client's secagg.min_inputs is "
