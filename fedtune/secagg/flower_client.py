@@ -148,7 +148,6 @@ def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: 
     if not client.setup.roster:
         raise SecAggError("secure aggregation: stage 'advertise': the server's setup has no identity roster (the "
                           "checks against a lying server would be off); refusing the round")
-    _check_graph(context, body)
     if min_inputs is not None and client.setup.params.min_inputs < min_inputs():
         raise SecAggError(f"secure aggregation: the server asks for sums of at least "
                           f"{client.setup.params.min_inputs} real inputs, this client's secagg.min_inputs is "
@@ -161,6 +160,7 @@ def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: 
         raise SecAggError(f"secure aggregation: stage 'advertise': the server's round of {client.setup.n} clients "
                           f"does not fit its field (sums of at most {cap}, {encoding.coder().field_bits} bits); "
                           "refusing the round")
+    _check_graph(context, body)  # last: the setup's own checks name their problem first
     reply = client.advertise_keys()
     _save(context, client)
     context.state[ENCODING] = ConfigRecord({"json": str(config[ENCODING])})
