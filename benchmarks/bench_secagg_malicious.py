@@ -221,20 +221,24 @@ def main() -> None:
         c = cases[-1]
         print(f"  client +{c['client_s']['added_median']:.3f} s ({c['client_added_pct']:.1f}%), upload ratio "
               f"{c['upload_ratio_fp32']:.3f}, extra {c['extra_bytes_per_client']}", flush=True)
+        write(args, cases, t0)  # after every case: a run stopped early keeps what it measured
+
+
+def write(args, cases: list[dict[str, Any]], t0: float) -> None:
     load = os.getloadavg()
     result = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                    f"numpy {np.__version__}",
-        "load": f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the end, niceness "
+        "load": f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) when written, niceness "
                 f"{os.nice(0)}",
-        "note": f"one run, {pc() - t0:.0f} s in all, wall-clock times on a shared machine",
+        "note": f"one run, {pc() - t0:.0f} s so far, {len(cases)} of {len(args.params) * len(args.clients)} cases; "
+                "wall-clock times on a shared machine",
         "cases": cases,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "secagg_malicious.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "secagg_malicious.md").write_text(markdown(result))
-    print(markdown(result))
 
 
 if __name__ == "__main__":
