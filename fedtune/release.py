@@ -8,11 +8,13 @@ and before the reply. Asked again for the same round of the same run with the sa
 adapter (same fingerprint), it sends the stored update again and its ledger gets a
 ``resend`` note, not a spend. Any other request is a new release, charged as usual.
 
-Under secure aggregation the stored update is the plain one; it is masked again with the
-new session's keys (and, under distributed DP, noised again: that release is the server's
-to account). Caveat: if the crashed session had already unmasked a sum, the server could
-compare it with the new sum over a different set of clients; record-level DP still covers
-the update, but secure aggregation's secrecy of it does not.
+Under secure aggregation one release goes into one sum: when the client signs the input
+set of its sum (the consistency stage) it records that set here (``bind``), before its
+signature leaves. A resend is masked again only with that set recorded, and declares it:
+the clients then sign only that very set, with every real input a resend bound to it,
+so the second sum is the first again (fedtune.secagg.client._check_bound). A release whose
+set was never recorded is not masked again (the round goes on without it). Under
+distributed DP a resend would draw fresh noise, so it is refused outright (fedtune.client).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord
 
+from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_bytes
 
 
@@ -49,13 +52,14 @@ class Release:
     weight: float
     metrics: dict[str, Any]
     client: dict[str, Any]  # name, ledger-head: the hash of the spend that paid for it
+    input_set: str = ""  # secure: hex digest of the input set of the sum it went into (identity.input_set)
 
 
 def store(path: Path, r: Release) -> None:
     from safetensors.numpy import save
 
     meta = {"round": str(r.server_round), "fingerprint": r.fingerprint, "weight": repr(r.weight),
-            "metrics": json.dumps(r.metrics), "client": json.dumps(r.client)}
+            "metrics": json.dumps(r.metrics), "client": json.dumps(r.client), "input-set": r.input_set}
     atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in r.state.items()}, metadata=meta))
 
 
@@ -70,6 +74,19 @@ def load(path: Path) -> Release | None:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
         return Release(int(meta["round"]), meta["fingerprint"], state, float(meta["weight"]),
-                       json.loads(meta["metrics"]), json.loads(meta["client"]))
+                       json.loads(meta["metrics"]), json.loads(meta["client"]), meta.get("input-set", ""))
     except (OSError, KeyError, ValueError, SafetensorError):
         return None
+
+
+def bind(path: Path, server_round: int, input_set: str) -> None:
+    """Record the input set of the secure sum the stored release of ``server_round`` goes into
+    (durably, before the client signs it); a different set already recorded is refused."""
+    last = load(path)
+    if last is None or last.server_round != server_round or last.input_set == input_set:
+        return  # a refusal this round (no release): nothing to bind
+    if last.input_set:
+        raise FedtuneError(f"round {server_round}'s update already went into a sum over another set of clients; "
+                           "refusing to sign this one")
+    last.input_set = input_set
+    store(path, last)

@@ -243,20 +243,25 @@ def test_a_paid_round_is_never_sent_again_into_a_second_secure_sum_with_fresh_no
     from fedtune.privacy import Ledger
     from fedtune.runfolder import ledger_path, release_path
 
-    def setup(**sections):
+    def setup(input_set="ab" * 32, **sections):
         s = SimpleNamespace(cfg=tiny_config(**sections), name="client-0", run_dir=tmp_path / "run")
         ledger = Ledger(ledger_path(s.run_dir, s.name))
         if not ledger.entries():
             head = ledger.append({"type": "spend", "round": 2, "epsilon": 1.0})["hash"]
-            release.store(release_path(s.run_dir, s.name), release.Release(
-                2, "asked", {"w": np.zeros(3, dtype=np.float32)}, 10.0, {}, {"name": s.name, "ledger-head": head}))
+        head = ledger.spends()[0]["hash"]
+        release.store(release_path(s.run_dir, s.name), release.Release(
+            2, "asked", {"w": np.zeros(3, dtype=np.float32)}, 10.0, {}, {"name": s.name, "ledger-head": head},
+            input_set))
         return s, ledger
 
     s, ledger = setup(client_dp={"enabled": True}, secagg={"enabled": True})
     with pytest.raises(FedtuneError, match="will not send it again in a second sum"):
         _resend(s, ledger, 2, "asked", secure=True)
     assert not any(e["type"] == "resend" for e in ledger.entries())
-    s, ledger = setup(secagg={"enabled": True})  # record-level DP under SecAgg+: the stored, noised update
-    assert _resend(s, ledger, 2, "asked", secure=True) is not None
+    s, ledger = setup(secagg={"enabled": True})  # record-level DP under SecAgg+: the stored, noised update...
+    assert _resend(s, ledger, 2, "asked", secure=True).bound == bytes.fromhex("ab" * 32)  # ...bound to its first set
+    s, ledger = setup("", secagg={"enabled": True})  # its first sum's set never signed: no second sum
+    with pytest.raises(FedtuneError, match="whose input set it never signed; it will not mask it into another"):
+        _resend(s, ledger, 2, "asked", secure=True)
     s, ledger = setup(client_dp={"enabled": True}, secagg={"enabled": True}, privacy={"seed": 3})  # tests: same noise
     assert _resend(s, ledger, 2, "asked", secure=True) is not None

@@ -285,7 +285,7 @@ out = secure_train(Grid(), nodes, 1, arrays, enc, degree=2, threshold=2, timeout
 assert out.aborted is None or out.aborted == "", out.aborted
 assert np.allclose(out.arrays["w"].numpy(), 0.5, atol=1e-4), out.arrays["w"].numpy()
 print(stages)
-assert {s for s, _ in stages} == {"identify", "advertise", "share", "consistency", "unmask"} and all(not heavy for _, heavy in stages), stages
+assert {s for s, _ in stages} == {"identify", "graph", "advertise", "share", "consistency", "unmask"} and all(not heavy for _, heavy in stages), stages
 """
 
 

@@ -211,7 +211,8 @@ def test_a_client_refuses_at_collect_a_plan_for_another_adapter_size(tmp_path, t
 
     cheat = NODES[2]  # gets a self-consistent plan, but for a larger adapter
     sec, grid, initial, cfg = _round_with_a_cheat(tmp_path, cheat, lambda cfg, asked: ddg.plan_for(cfg, asked.dim + 8))
-    assert {stage for stage, node, reply in grid.seen if node == cheat and not reply.has_error()} == {"identify", "advertise", "share"}
+    assert {stage for stage, node, reply in grid.seen if node == cheat and not reply.has_error()} == {"identify", "graph", "advertise",
+                                                                                                "share"}
     assert cheat not in sec.included and "refusing the round" in sec.lost[cheat], sec.lost
     assert f"adapter it sent has {sum(v.numel() for v in initial.values())}" in sec.lost[cheat]
     ledger = Ledger(ledger_path(run_dir_for(cfg, 7), client_name(cfg, NODES.index(cheat))))  # Grid: run 7

@@ -27,7 +27,7 @@ class Grid:
         self.drop = drop or {}  # node -> first stage it misses
         self.tamper = tamper
         self.seen: list[tuple[str, int, Message]] = []  # every reply the server received
-        self.stages = ["identify", "advertise", "share", "collect", "consistency", "unmask"]
+        self.stages = ["identify", "graph", "advertise", "share", "collect", "consistency", "unmask"]
 
     def get_node_ids(self):
         return list(NODES)

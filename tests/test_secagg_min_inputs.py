@@ -132,10 +132,12 @@ def test_a_ddg_round_with_one_refusal_completes_with_its_noise_in_the_sum(tmp_pa
     (spend,) = ledger.spends()
     assert spend["clients_in_sum"] == 4 and spend["noise_multiplier"] == pytest.approx(dplan.noise_multiplier(4))
 
-    # The same round without the refuser (the others resend the same seeded encodings; this
-    # server skips the min_clients check, to see what the refuser added).
+    # The same round without the refuser: fresh clients of the same seeded run train the same
+    # updates with the same noise (the first ones would not resend into this smaller set: one
+    # release, one sum); this server skips the min_clients check, to see what the refuser added.
     encoding = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=4, ddg=dplan)
-    sec3 = secure_train(Grid(cfg), NODES[:3], 1, ArrayRecord(initial), encoding, degree=cfg.secagg.degree,
+    again = _ddg_cfg(tmp_path, "ddg-again", min_clients=4)
+    sec3 = secure_train(Grid(again), NODES[:3], 1, ArrayRecord(initial), encoding, degree=cfg.secagg.degree,
                         threshold=0, timeout=60)
     assert not sec3.aborted and sec3.included == NODES[:3]
     enc = encoding.coder()

@@ -3,12 +3,16 @@ only asks. Called by secure aggregation's client stages (fedtune.secagg.flower).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context, Message
 
+from fedtune import release
 from fedtune.client.setup import ClientSetup, config_from_context, own_config
 from fedtune.deploy.node import from_node_config as deployed_node
 from fedtune.errors import FedtuneError
 from fedtune.privacy.distributed import plan_for
+from fedtune.runfolder import client_dir, release_path, run_dir_for
 from fedtune.secagg.flower import ENCODING, Encoding
 
 _DDG: dict[tuple, object] = {}
@@ -18,6 +22,23 @@ def client_name(context: Context) -> str:
     """This client's name, without importing torch (secure aggregation is federated: fedtune.data.client_name)."""
     node = deployed_node(context.node_config)
     return node.name if node is not None else f"client-{int(context.node_config.get('partition-id', 0))}"
+
+
+def own_run_dir(context: Context) -> Path:
+    """This client's run folder, without loading the model (secure aggregation's key stages)."""
+    node = deployed_node(context.node_config)
+    return node.run_dir(own_config(context)) if node is not None else run_dir_for(
+        config_from_context(context), context.run_id)
+
+
+def identity_file(context: Context) -> Path:
+    """Where this client keeps its secure-aggregation identity key for the run (fedtune.secagg.roster)."""
+    return client_dir(own_run_dir(context), client_name(context)) / "secagg-identity.pem"
+
+
+def bind(context: Context, server_round: int, input_set: bytes) -> None:
+    """The input set this client signs for its release of the round, recorded first (fedtune.release)."""
+    release.bind(release_path(own_run_dir(context), client_name(context)), server_round, input_set.hex())
 
 
 def min_inputs(context: Context) -> int:

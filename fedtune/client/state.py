@@ -59,13 +59,17 @@ def resend(s: ClientSetup, ledger: Ledger, server_round: int, asked: str, secure
         # Re-encoding draws fresh distributed-DP noise: two sums of the same update would average it down.
         raise FedtuneError(f"{s.name} already sent round {server_round} in a secure sum with its distributed-DP "
                            "noise; it will not send it again in a second sum (the round goes on without it)")
+    if secure and not last.input_set:  # one release, one sum (fedtune.release)
+        raise FedtuneError(f"{s.name} already masked round {server_round}'s update into a secure sum whose input set "
+                           "it never signed; it will not mask it into another (the round goes on without it)")
     ledger.record_resend(server_round, head)
     state = last.state
     if not secure:
         import torch  # lazy: the secure path sends numpy arrays
 
         state = {k: torch.from_numpy(v) for k, v in state.items()}
-    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client, seed)
+    return LocalUpdate(state, last.weight, {**last.metrics, "resent": 1}, last.client, seed,
+                       bytes.fromhex(last.input_set))
 
 
 def store_release(s: ClientSetup, server_round: int, asked: str, arrays: dict, metrics: dict, client: dict) -> None:

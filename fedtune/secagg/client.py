@@ -61,6 +61,7 @@ class SecAggClient:
         self._identity = identity_key
         self._check_identity()
         self._survivors: list[int] = []  # the survivor set this client signed (malicious-server mode)
+        self.input_set = b""  # identity.input_set of that set, with who is real
         self.stage = Stage.ADVERTISE
         self._enc = crypto.KeyPair.generate()
         self._mask = crypto.KeyPair.generate()
@@ -194,7 +195,7 @@ class SecAggClient:
             raise SecAggAborted(f"client {me}: only {len(held)} neighbours sent shares, {t} needed")
         self._held = held
 
-    def masked_input(self, vector: np.ndarray, real: bool = True) -> dict[str, Any]:
+    def masked_input(self, vector: np.ndarray, real: bool = True, bound: bytes = b"") -> dict[str, Any]:
         """y = x + PRG(b) + sum_j sign * PRG(s_ij) mod 2^m, j over the neighbours that sent shares.
 
         ``real`` is False for a client that refused to train: it masks a zero update (or, under
@@ -222,7 +223,9 @@ class SecAggClient:
         y &= field_mask(self.setup)
         reply: dict[str, Any] = {"masked": pack(y, m), "real": int(bool(real))}
         if self.setup.roster:
-            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)))
+            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)), bytes(bound))
+            if bound:
+                reply["bound"] = bytes(bound)
         self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
         return reply
 
@@ -236,26 +239,44 @@ class SecAggClient:
         survivors = sorted(set(id_list(msg.get("survivors", []), "survivors", me)))
         real = set(id_list(msg.get("real", []), "real", me))
         decl = id_map(msg.get("declarations", {}), "declarations", me)
+        bound = id_map(msg.get("bound", {}), "bound", me)
         if me not in survivors or not set(survivors) <= set(self.setup.client_ids) or not real <= set(survivors):
             raise self._fail(SecAggError(f"client {me}: stage 'consistency': the server's survivor set is not one "
                                          "of this round's (it omits this client or names strangers); refusing"))
         for j in survivors:
-            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real)):
+            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real), bound.get(j, b"")):
                 raise self._fail(SecAggError(f"client {me}: stage 'consistency': client {j}'s declaration of its "
                                              "input is missing or not signed by its identity key; refusing"))
         if len(real) < p.min_inputs:
             raise self._fail(SecAggAborted(f"client {me}: stage 'consistency': only {len(real)} real inputs in the "
                                            f"sum, min_inputs={p.min_inputs}; revealing nothing"))
+        self.input_set = identity.input_set(dict(self.setup.roster), survivors, real)
+        self._check_bound(bound, real)
         self._survivors = survivors
         self.stage = Stage.UNMASK
         return {"sig": self._sign(identity.SURVIVORS, survivors)}
+
+    def _check_bound(self, bound: dict[int, Any], real: set[int]) -> None:
+        """One release, one sum: if any real input is a resend bound to the set of its first sum,
+        this set must be that set and every real input a resend bound to it (the same sum again)."""
+        if not any(bound.get(j) for j in real):
+            return
+        off = sorted(j for j in real if bound.get(j) != self.input_set)
+        if off:
+            raise self._fail(SecAggError(
+                f"client {self.id}: stage 'consistency': client {off[0]}'s input is not a resend bound to this very "
+                "input set, while others in it were first masked into a sum over this set (a second, different "
+                "sum would reveal a difference of updates); revealing nothing"))
 
     def _check_quorum(self, msg: Any, survivors: list[int], dropped: list[int]) -> None:
         """Malicious-server mode: a quorum signed the set this client signed, and the request
         names exactly its share-holding neighbours inside / outside that set."""
         me, signed = self.id, self._survivors
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
-        valid = [j for j in signed if self._signed_by(j, sigs.get(j), identity.SURVIVORS, signed)]
+        valid = []
+        for j in signed:  # a quorum of valid signatures is enough
+            if len(valid) < self.setup.quorum and self._signed_by(j, sigs.get(j), identity.SURVIVORS, signed):
+                valid.append(j)
         if len(valid) < self.setup.quorum:
             bad = sorted(set(sigs) - set(valid))
             raise self._fail(SecAggError(

@@ -5,8 +5,9 @@ advertises, whether its masked input is a real update, and the survivor set it w
 A signed statement binds a label, the round's setup digest (so nothing carries over to
 another round or run) and its fields, each length-prefixed. Keys are ``cryptography``'s
 Ed25519 (simulation: one pair per client per run) or ECDSA over P-256/384/521 with SHA-384
-(deployment: the SuperNode's authentication key from `fedtune keys`); public keys travel
-as DER SubjectPublicKeyInfo.
+(one per client per run) and, in deployment, ECDSA over P-256/384/521 with SHA-384: the
+SuperNode's authentication key from `fedtune keys` certifies the Ed25519 one (roster.py);
+public keys travel as DER SubjectPublicKeyInfo.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 DOMAIN = b"fedtune-secagg-identity/1"
 ADVERTISE = b"advertise"  # (id, pk_enc, pk_mask)
-INPUT = b"input"  # (id, real)
+INPUT = b"input"  # (id, real, bound: a resend's first input set, or b"")
 SURVIVORS = b"survivors"  # (sorted survivor ids)
+CERTIFY = b"certify"  # (the identity key), by a deployed client's registered key; digest b""
 
 SigningKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
@@ -46,6 +48,16 @@ def setup_digest(setup_message: dict[str, Any]) -> bytes:
             return [plain(x) for x in v]
         return int(v) if isinstance(v, int) else v
     return hashlib.sha256(json.dumps(plain(setup_message), sort_keys=True).encode()).digest()
+
+
+def input_set(roster: dict[int, bytes], survivors: list[int], real: set[int]) -> bytes:
+    """SHA-256 of an input set as who is in it, by identity key (stable across a server's
+    restart, unlike node ids), and whether each input is real: equal sets of the same
+    resent updates give the same sum."""
+    h = hashlib.sha256(DOMAIN + b"|input-set")
+    for key, flag in sorted((roster[j], j in real) for j in survivors):
+        h.update(len(key).to_bytes(4, "big") + key + bytes([flag]))
+    return h.digest()
 
 
 def _statement(label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:

@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedtune.errors import FedtuneError
 from fedtune.secagg import crypto, identity
-from fedtune.secagg.encoding import MAX_FIELD_BITS, field_dtype
+from fedtune.secagg.encoding import MAX_FIELD_BITS, field_dtype, unpack
 from fedtune.secagg.graph import neighbour_graph
 
 MAX_CLIENT_ID = (1 << 64) - 1
@@ -247,3 +247,19 @@ def id_list(value: Any, what: str, client: int) -> list[int]:
         return [int(c) for c in value]
     except (TypeError, ValueError):
         raise SecAggError(f"client {client}: '{what}' must be a list of client ids") from None
+
+
+def field_vector(value: Any, m: int, length: int, cid: int) -> np.ndarray:
+    """A masked input, packed bytes or an integer array, as field elements; checked."""
+    if isinstance(value, bytes):
+        try:
+            return unpack(value, m, length)
+        except FedtuneError as e:
+            raise SecAggError(f"client {cid} sent a malformed masked input: {e}") from None
+    x = np.asarray(value) if isinstance(value, np.ndarray) else None
+    if x is None or x.dtype.kind not in "ui" or x.shape != (length,):
+        desc = f"shape {x.shape} of {x.dtype}" if x is not None else type(value).__name__
+        raise SecAggError(f"client {cid} sent a masked input of {desc}, not {length} integers")
+    if x.size and (x.min() < 0 or int(x.max()) >> m):
+        raise SecAggError(f"client {cid} sent masked values outside [0, 2^{m})")
+    return x.astype(field_dtype(m))

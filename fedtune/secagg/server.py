@@ -38,10 +38,10 @@ import numpy as np
 
 from fedtune.errors import FedtuneError
 from fedtune.secagg import crypto, identity
-from fedtune.secagg.encoding import field_dtype, unpack
+from fedtune.secagg.encoding import field_dtype
 from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_CIPHERTEXT_BYTES, SecAggAborted, SecAggError, SecAggParams,
-    SecAggSetup, Stage, field_mask, id_map, pair_mask, self_mask, sign,
+    SecAggSetup, Stage, field_mask, field_vector, id_map, pair_mask, self_mask, sign,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ class SecAggServer:
         self._real: set[int] = set()  # clients whose masked input says it is a real (trained) update
         self._sigs: dict[str, dict[int, bytes]] = {"keys": {}, "decl": {}, "survivors": {}}  # with a roster
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
+        self._bound: dict[int, bytes] = {}  # resends: the input set of their first sum
 
     @property
     def threshold(self) -> int:
@@ -245,16 +246,20 @@ class SecAggServer:
         valid = set()
         for cid, msg in self._replies(replies).items():
             try:
-                self._masked[cid] = _field_vector(msg.get("masked"), m, length, cid)
+                self._masked[cid] = field_vector(msg.get("masked"), m, length, cid)
                 if msg.get("real") not in (0, 1):
                     raise SecAggError(f"client {cid} did not say whether its input is real (0 or 1)")
             except FedtuneError as e:
                 self._masked.pop(cid, None)
                 self._reject(cid, str(e))
                 continue
-            if not self._signed(cid, "decl", msg.get("decl"), identity.INPUT, cid, int(msg["real"])):
+            bound = msg.get("bound", b"")
+            bound = bound if isinstance(bound, bytes) and len(bound) in (0, 32) else b"?"  # malformed: fails to verify
+            if not self._signed(cid, "decl", msg.get("decl"), identity.INPUT, cid, int(msg["real"]), bound):
                 self._masked.pop(cid, None)
                 continue
+            if bound:
+                self._bound[cid] = bound
             if msg["real"]:
                 self._real.add(cid)
             valid.add(cid)
@@ -278,7 +283,8 @@ class SecAggServer:
         self._expect(Stage.CONSISTENCY)
         survivors = sorted(self.active)
         msg = {"survivors": survivors, "real": sorted(self._real & self.active),
-               "declarations": {j: self._sigs["decl"][j] for j in survivors}}
+               "declarations": {j: self._sigs["decl"][j] for j in survivors},
+               "bound": {j: self._bound[j] for j in survivors if j in self._bound}}
         return {cid: msg for cid in survivors}
 
     def receive_consistency(self, replies: Replies) -> None:
@@ -312,7 +318,7 @@ class SecAggServer:
             self._asked[cid] = (survivors, dropped)
             requests[cid] = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
             if self.setup.roster:
-                requests[cid]["signatures"] = dict(signers)
+                requests[cid]["signatures"] = dict(sorted(signers.items())[:self.setup.quorum])  # all it needs
         return requests
 
     def receive_unmask(self, replies: Replies) -> SecAggResult:
@@ -392,19 +398,3 @@ class SecAggServer:
             raise self._abort(f"only {len(got)} valid shares of client {owner}'s {what} arrived, "
                               f"{self.threshold} needed")
         return crypto.combine_shares(got[: self.threshold])
-
-
-def _field_vector(value: Any, m: int, length: int, cid: int) -> np.ndarray:
-    """A masked input, packed bytes or an integer array, as field elements; checked."""
-    if isinstance(value, bytes):
-        try:
-            return unpack(value, m, length)
-        except FedtuneError as e:
-            raise SecAggError(f"client {cid} sent a malformed masked input: {e}") from None
-    x = np.asarray(value) if isinstance(value, np.ndarray) else None
-    if x is None or x.dtype.kind not in "ui" or x.shape != (length,):
-        desc = f"shape {x.shape} of {x.dtype}" if x is not None else type(value).__name__
-        raise SecAggError(f"client {cid} sent a masked input of {desc}, not {length} integers")
-    if x.size and (x.min() < 0 or int(x.max()) >> m):
-        raise SecAggError(f"client {cid} sent masked values outside [0, 2^{m})")
-    return x.astype(field_dtype(m))
