@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--per-person", type=int, default=2, help="privacy.records_per_user")
     ap.add_argument("--max-eval", type=int, default=32, help="data.max_eval_examples per client")
     ap.add_argument("--memory-mb", type=int, default=1500, help="train.memory_budget_mb per client")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other config override, VALUE as JSON")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--runs", default="/tmp/fedtune-bench-user-dp", help="where the data and run folders go")
     args = ap.parse_args()
@@ -99,14 +100,15 @@ def main() -> None:
     counts = make_data(data)
     result = {"data": counts, "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
               "clients": args.clients, "rounds": args.rounds, "local_steps": args.steps, "max_eval_examples": args.max_eval,
-              "memory_budget_mb": args.memory_mb, "points": []}
+              "memory_budget_mb": args.memory_mb, "set": args.set, "points": []}
     for label, overrides in settings(counts["largest_person"], args.per_person, args.batch).items():
         cfg = config_mod.load(args.config, {
             "run.output": str(runs), "run.name": "user-dp", "data.source": str(data), "data.user_field": "person",
             "data.partition": "natural", "data.partition_by": partition_by, "federation.clients": args.clients,
             "federation.rounds": args.rounds, "train.local_steps": args.steps, "train.batch_size": args.batch,
             "train.memory_budget_mb": args.memory_mb, "data.max_eval_examples": args.max_eval,
-            "privacy.epsilon": EPSILON, "privacy.delta": DELTA, **overrides})
+            "privacy.epsilon": EPSILON, "privacy.delta": DELTA,
+            **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}, **overrides})
         print(f"== {label} ==", flush=True)
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         run_dir = simulate(cfg, [], make_follower(quiet=True))
@@ -127,7 +129,8 @@ def _write(result: dict, cfg, out: Path) -> None:
         f"{cfg.model.name}, {result['clients']} clients (natural partition: whole {cfg.data.partition_by}s), "
         f"{result['rounds']} round(s) of {result['local_steps']} local steps, train.memory_budget_mb "
         f"{result['memory_budget_mb']}, held-out: {result['max_eval_examples']} records per client of held-out "
-        f"people. Machine: {result['machine']}; runs one at a time under `nice -n 10`.", "",
+        f"people, settings {', '.join(result['set']) or 'none'}. Machine: {result['machine']}; runs one at a time "
+        "under `nice -n 10`.", "",
         "| run | unit | target (ε, δ) | batch | σ per client | q per client | units per client "
         "| pooled held-out perplexity base → final | failed trainings | audit --verify | minutes | load before/after |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]

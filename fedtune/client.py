@@ -436,7 +436,7 @@ def _spend_and_train(msg: Message, s: ClientSetup, server_round: int, secure: bo
         return _refuse(s, ledger, server_round, secure, decision.reason, decision.epsilon_before,
                        epsilon_if_trained=decision.epsilon_after, budget=plan.budget)
     if lifetime is not None and plan.dp:
-        before, after, reason = lifetime.check(plan.round_history)
+        before, after, reason = lifetime.check(plan.round_history, plan.privacy_unit)
         if reason:
             lifetime.refuse(s.cfg.run.name, server_round, reason)
             return _refuse(s, ledger, server_round, secure, reason, decision.epsilon_before, lifetime_epsilon=before,
