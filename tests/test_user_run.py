@@ -46,6 +46,7 @@ def test_the_run_names_the_person_everywhere_and_verifies(user_run):
     assert [r["level"] for r in result["rows"]] == ["user"] * 3
     for r in result["rows"]:
         assert r["unit"].startswith(PERSON) and r["rounds_joined"] == 2
+        assert "a person also at other clients is protected at each by that client's own ε" in r["unit"]  # stated
         plan = Ledger(r["ledger"]).plan()
         assert plan["sample_rate"] == pytest.approx(4 / plan["dataset_size"])  # q over the client's people
     audit_md = (run_dir / "audit.md").read_text()
