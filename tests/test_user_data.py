@@ -150,7 +150,7 @@ def test_bad_person_input_is_one_line_exit_2_and_trains_nothing(tmp_path, extra,
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_a_deployed_clients_person_column_is_checked_at_start(fed, capsys):
+def test_a_deployed_clients_person_column_is_checked_at_start(fed, capsys):  # noqa: F811
     """The operator's client.user_field: a column the data file lacks, or a record without a
     person, stops `fedtune client start` with one line naming it, before any SuperNode runs."""
     from tests.test_deploy import _error, _rewrite

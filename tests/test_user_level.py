@@ -201,10 +201,10 @@ def test_a_lifetime_budget_spent_per_record_is_not_reused_for_people(tmp_path, t
                                           "state": "state", **extra}}))
         return node_config(load_client(toml))
 
-    initial = initial_adapter(tiny_config(), tiny_path)
+    adapter = initial_adapter(tiny_config(), tiny_path)
     for run in ("run-a", "run-b"):  # the control: a second record-level run on the data set trains
-        assert _train(run, node(), initial, 1, epsilon=2.0).content["metrics"]["refused"] == 0
-    reply = _train("run-c", node(user_field="patient"), initial, 1, epsilon=2.0)
+        assert _train(run, node(), adapter, 1, epsilon=2.0).content["metrics"]["refused"] == 0
+    reply = _train("run-c", node(user_field="patient"), adapter, 1, epsilon=2.0)
     assert reply.content["metrics"]["refused"] == 1 and "arrays" not in reply.content.array_records
     reason = "was spent at privacy unit 'record' and this round is at 'user' (client.user_field changed)"
     assert reason in reply.content["client"]["reason"]
