@@ -15,16 +15,17 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 
-def user_ids(ds: Dataset, field: str, where: str) -> list[str]:
-    """Each record's person, as text; FedtuneError naming the record for a missing or empty id."""
+def user_ids(ds: Dataset, field: str, where: str, setting: str = "data.user_field") -> list[str]:
+    """Each record's person, as text; FedtuneError naming the record for a missing or empty id.
+    ``setting`` is the key that named the column (a deployed operator's: client.user_field)."""
     if field not in ds.column_names:
-        raise FedtuneError(f"{where} has no column '{field}' (data.user_field) to name each record's person "
-                           f"(columns: {sorted(ds.column_names)}); set data.user_field to the right column")
+        raise FedtuneError(f"{where} has no column '{field}' ({setting}) to name each record's person "
+                           f"(columns: {sorted(ds.column_names)}); set {setting} to the right column")
     ids = []
     for i, value in enumerate(ds[field]):
         text = "" if value is None else str(value).strip()
         if not text:
-            raise FedtuneError(f"{where}: record {i + 1} has an empty {field} (data.user_field); give every record "
+            raise FedtuneError(f"{where}: record {i + 1} has an empty {field} ({setting}); give every record "
                                "its person's id, or drop the record")
         ids.append(text)
     return ids

@@ -171,6 +171,29 @@ secret_repeats = 8
 """
 
 
+def audit_both_arms(base, train) -> dict:
+    """The memorization check's two arms, no DP and ε = 1: ``train(folder, dp)`` makes a run
+    folder with planted records, `fedtune audit --verify --empirical` checks it; both audits."""
+    results = {}
+    for name, dp in (("no-dp", False), ("dp-eps1", True)):
+        folder = train(base / name, dp)
+        res = fedtune("audit", str(folder), "--verify", "--empirical")
+        assert res.returncode == 0, res.stdout + res.stderr
+        results[name] = json.loads((folder / "audit.json").read_text())
+    return results
+
+
+def assert_found_without_dp(audits) -> None:
+    emp = audits["no-dp"]["empirical"]
+    assert emp["one_run"]["epsilon_lower_bound"] > 1.0  # clearly above 0: the attack proves leakage
+
+
+def assert_below_epsilon_1(audits) -> None:
+    emp = audits["dp-eps1"]["empirical"]
+    assert emp["accountant_epsilon"] <= 1.0
+    assert emp["one_run"]["epsilon_lower_bound"] <= emp["accountant_epsilon"] and not emp["one_run"]["violation"]
+
+
 @pytest.fixture(scope="module")
 def memorization_runs(tmp_path_factory):
     """SmolLM2 on 10 short records plus 100 canaries and 2 secrets (×8): 100 steps without
@@ -178,26 +201,22 @@ def memorization_runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("memorize")
     data = base / "visits.jsonl"
     data.write_text("".join(json.dumps({"text": f"visit {i}: patient is stable"}) + "\n" for i in range(10)))
-    results = {}
-    for name, dp in (("no-dp", "false"), ("dp-eps1", "true")):
-        cfg = base / f"{name}.toml"
-        cfg.write_text(textwrap.dedent(MEMORIZE.format(name=name, data=data, dp=dp)))
-        folder = _simulate(base / name, str(cfg))
-        res = fedtune("audit", str(folder), "--verify", "--empirical")
-        assert res.returncode == 0, res.stdout + res.stderr
-        results[name] = json.loads((folder / "audit.json").read_text())
-    return results
+
+    def train(out, dp):
+        cfg = base / f"{out.name}.toml"
+        cfg.write_text(textwrap.dedent(MEMORIZE.format(name=out.name, data=data, dp=str(dp).lower())))
+        return _simulate(out, str(cfg))
+
+    return audit_both_arms(base, train)
 
 
 def test_without_dp_the_canaries_and_secrets_are_memorized(memorization_runs):
+    assert_found_without_dp(memorization_runs)
     emp = memorization_runs["no-dp"]["empirical"]
-    assert emp["one_run"]["epsilon_lower_bound"] > 1.0  # clearly above 0: the attack proves leakage
     assert min(s["exposure_bits"] for s in emp["secrets"]) > 10  # of 13.3: (nearly) recited
 
 
 def test_at_epsilon_1_the_empirical_bound_stays_below_1(memorization_runs):
-    audit = memorization_runs["dp-eps1"]
-    emp = audit["empirical"]
-    assert emp["accountant_epsilon"] <= 1.0
-    assert emp["one_run"]["epsilon_lower_bound"] <= emp["accountant_epsilon"] and not emp["one_run"]["violation"]
+    assert_below_epsilon_1(memorization_runs)
+    emp = memorization_runs["dp-eps1"]["empirical"]
     assert max(s["exposure_bits"] for s in emp["secrets"]) < 5

@@ -11,6 +11,7 @@ from fedtune import config
 from fedtune.data import client_data, client_examples, export_clients
 from fedtune.errors import FedtuneError
 from tests.conftest import tiny_config as _tiny
+from tests.test_deploy import fed  # noqa: F401  (fixture)
 
 
 def people_file(tmp_path, people: int = 30, name: str = "people.jsonl", **override) -> str:
@@ -147,3 +148,16 @@ def test_bad_person_input_is_one_line_exit_2_and_trains_nothing(tmp_path, extra,
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("fedtune:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr, res.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_deployed_clients_person_column_is_checked_at_start(fed, capsys):  # noqa: F811
+    """The operator's client.user_field: a column the data file lacks, or a record without a
+    person, stops `fedtune client start` with one line naming it, before any SuperNode runs."""
+    from tests.test_deploy import _error, _rewrite
+
+    root, _, client = fed
+    (root / "data" / "clinic-a.jsonl").write_text('{"text": "a", "patient": "p1"}\n{"text": "b", "patient": null}\n')
+    _rewrite(root / "client.toml", "client", {**client, "user_field": "patient"})
+    assert "record 2 has an empty patient (client.user_field)" in _error(capsys, ["client", "start", str(root / "client.toml")])
+    _rewrite(root / "client.toml", "client", {**client, "user_field": "patient_id"})
+    assert "has no column 'patient_id' (client.user_field)" in _error(capsys, ["client", "start", str(root / "client.toml")])

@@ -182,3 +182,34 @@ def test_a_deployed_clients_unit_is_its_operators(tmp_path):
     assert local_config(tiny_config(), plain).privacy.unit == "record"
     with pytest.raises(FedtuneError, match=r'clinic-b refuses privacy.unit = "user": its operator chose no person column'):
         local_config(tiny_config(privacy={"unit": "user"}, data={"user_field": "ward"}), plain)
+
+
+def test_a_lifetime_budget_spent_per_record_is_not_reused_for_people(tmp_path, task_identity, tiny_path):
+    """A deployed client's lifetime ε composes rounds of one unit. Its operator trains run-a
+    per record, then sets client.user_field: a new run would count record-level rounds as a
+    bound on a person. Refused, in the reply (the server's log) and the lifetime ledger."""
+    from fedtune.deploy.lifetime import lifetime_path
+    from fedtune.deploy.settings import load_client, node_config
+    from fedtune.server import initial_adapter
+    from tests.conftest import tiny_config
+    from tests.deployment import _toml
+    from tests.test_lifetime import _train
+
+    people_file(tmp_path, name="visits.jsonl")
+    toml = tmp_path / "client.toml"
+
+    def node(**extra):
+        toml.write_text(_toml({"client": {"name": "clinic-a", "data": "visits.jsonl", "budget": 100.0,
+                                          "state": "state", **extra}}))
+        return node_config(load_client(toml))
+
+    adapter = initial_adapter(tiny_config(), tiny_path)
+    for run in ("run-a", "run-b"):  # the control: a second record-level run on the data set trains
+        assert _train(run, node(), adapter, 1, epsilon=2.0).content["metrics"]["refused"] == 0
+    reply = _train("run-c", node(user_field="patient"), adapter, 1, epsilon=2.0)
+    assert reply.content["metrics"]["refused"] == 1 and "arrays" not in reply.content.array_records
+    reason = "was spent at privacy unit 'record' and this round is at 'user' (client.user_field changed)"
+    assert reason in reply.content["client"]["reason"]
+    lifetime = Ledger(lifetime_path(tmp_path / "state", "clinic-a"))
+    assert [e["unit"] for e in lifetime.spends()] == ["record", "record"]
+    assert lifetime.entries()[-1]["type"] == "refusal" and reason in lifetime.entries()[-1]["reason"]

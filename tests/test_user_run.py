@@ -18,19 +18,24 @@ from tests.test_user_data import people_file, user_config
 PERSON = "one person: every record with the same patient at this client"
 
 
-@pytest.fixture(scope="module")
-def user_run(tmp_path_factory):
+def _serve_in_process(cfg) -> None:
+    """The real ServerApp main, its messages answered by three clients' real ClientApp handlers."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    tmp = tmp_path_factory.mktemp("user-run")
-    cfg = user_config(people_file(tmp, people=45), run={"dir": str(tmp / "run")}, data={"max_eval_examples": 4},
-                      federation={"clients": 3, "rounds": 2}, train={"local_steps": 2, "batch_size": 4},
-                      privacy={"records_per_user": 2, "budget": 24.0})  # room left for personalization
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     try:
         _serve(cfg, Grid(cfg, {}), 1)
     finally:
         TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("user-run")
+    cfg = user_config(people_file(tmp, people=45), run={"dir": str(tmp / "run")}, data={"max_eval_examples": 4},
+                      federation={"clients": 3, "rounds": 2}, train={"local_steps": 2, "batch_size": 4},
+                      privacy={"records_per_user": 2, "budget": 24.0})  # room left for personalization
+    _serve_in_process(cfg)
     return cfg, tmp / "run"
 
 
@@ -41,6 +46,7 @@ def test_the_run_names_the_person_everywhere_and_verifies(user_run):
     assert [r["level"] for r in result["rows"]] == ["user"] * 3
     for r in result["rows"]:
         assert r["unit"].startswith(PERSON) and r["rounds_joined"] == 2
+        assert "a person also at other clients is protected at each by that client's own ε" in r["unit"]  # stated
         plan = Ledger(r["ledger"]).plan()
         assert plan["sample_rate"] == pytest.approx(4 / plan["dataset_size"])  # q over the client's people
     audit_md = (run_dir / "audit.md").read_text()
@@ -108,68 +114,39 @@ def test_canary_people_are_planted_as_one_person_with_several_records(tmp_path, 
         config.load(None, {"audit.canaries": 10, "audit.canary_records": 3})
 
 
-CANARY_PEOPLE = """\
-[run]
-name = "{name}"
-[model]
-max_length = 64
-[data]
-source = "{data}"
-partition = "iid"
-user_field = "patient"
-[train]
-local_steps = 40
-batch_size = 8
-learning_rate = 0.003
-[privacy]
-dp = {dp}
-epsilon = 1.0
-seed = 0
-unit = "user"
-records_per_user = 3
-[federation]
-clients = 1
-rounds = 2
-[audit]
-canaries = 100
-canary_words = 6
-canary_records = 3
-"""
-
-
 @pytest.fixture(scope="module")
-def canary_people_runs(tmp_path_factory):
-    """SmolLM2 on 10 short records of 10 patients plus 100 canary people of 3 records each, at
-    the user unit: 80 steps without DP memorize them; the same at ε = 1 must not."""
-    import textwrap
-
-    from tests.test_audit import _simulate, fedtune
+def canary_people_audits(tmp_path_factory):
+    """The tiny Llama at the user unit, 3 clients, 12 patients plus 100 canary people of 3
+    records each (half of them planted): 2 rounds of 30 steps without DP give the canary
+    people away; the same at ε = 1 for one person must not."""
+    from tests.test_audit import audit_both_arms
 
     base = tmp_path_factory.mktemp("canary-people")
-    data = base / "visits.jsonl"
-    data.write_text("".join(json.dumps({"text": f"visit {i}: patient is stable", "patient": f"p{i}"}) + "\n"
-                            for i in range(10)))
-    results = {}
-    for name, dp in (("no-dp", "false"), ("dp-eps1", "true")):
-        cfg = base / f"{name}.toml"
-        cfg.write_text(textwrap.dedent(CANARY_PEOPLE.format(name=name, data=data, dp=dp)))
-        folder = _simulate(base / name, str(cfg))
-        res = fedtune("audit", str(folder), "--verify", "--empirical")
-        assert res.returncode == 0, res.stdout + res.stderr
-        results[name] = json.loads((folder / "audit.json").read_text())
-    return results
+    data = people_file(base, people=12)
+
+    def train(folder, dp):
+        _serve_in_process(user_config(
+            data, run={"dir": str(folder)}, data={"partition": "iid"}, federation={"clients": 3, "rounds": 2},
+            train={"local_steps": 30, "batch_size": 8, "learning_rate": 0.03},
+            privacy={"dp": dp, "epsilon": 1.0, "records_per_user": 3, "seed": 0},
+            audit={"canaries": 100, "canary_words": 3, "canary_records": 3}))
+        return folder
+
+    return audit_both_arms(base, train)
 
 
-@pytest.mark.manual  # ~15+ min of SmolLM2 on 2 cores; not yet passing there (issue 17)
-def test_canary_people_without_dp_are_found(canary_people_runs):
-    emp = canary_people_runs["no-dp"]["empirical"]
-    assert emp["one_run"]["epsilon_lower_bound"] > 1.0  # clearly above 0: the attack proves leakage
+@pytest.mark.slow  # about 2 minutes on 2 shared cores
+def test_canary_people_without_dp_are_found(canary_people_audits):
+    from tests.test_audit import assert_found_without_dp
+
+    assert_found_without_dp(canary_people_audits)
 
 
-@pytest.mark.manual
-def test_canary_people_at_epsilon_1_stay_below_the_persons_epsilon(canary_people_runs):
-    audit = canary_people_runs["dp-eps1"]
-    assert [r["level"] for r in audit["rows"]] == ["user"] and audit["problems"] == []
-    emp = audit["empirical"]
-    assert emp["accountant_epsilon"] <= 1.0
-    assert emp["one_run"]["epsilon_lower_bound"] <= emp["accountant_epsilon"] and not emp["one_run"]["violation"]
+@pytest.mark.slow
+def test_canary_people_at_epsilon_1_stay_below_the_persons_epsilon(canary_people_audits):
+    from tests.test_audit import assert_below_epsilon_1
+
+    audit = canary_people_audits["dp-eps1"]
+    assert [r["level"] for r in audit["rows"]] == ["user"] * 3 and audit["problems"] == []
+    assert all(r["unit"].startswith(PERSON) for r in audit["rows"])
+    assert_below_epsilon_1(canary_people_audits)

@@ -155,7 +155,7 @@ def over_budget(req: Request, plan: Plan, history: list) -> LocalUpdate | None:
         return refuse(req, decision.reason, decision.epsilon_before,
                       epsilon_if_trained=decision.epsilon_after, budget=plan.budget)
     if req.lifetime is not None and plan.dp:
-        before, after, reason = req.lifetime.check(plan.round_history)
+        before, after, reason = req.lifetime.check(plan.round_history, plan.privacy_unit)
         if reason:
             req.lifetime.refuse(req.s.cfg.run.name, req.server_round, reason)
             return refuse(req, reason, decision.epsilon_before, lifetime_epsilon=before,

@@ -145,9 +145,13 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     quiet = logging.getLogger("datasets")  # it logs a traceback for a malformed file; our one line says it
     level, quiet.level = quiet.level, logging.CRITICAL + 1
     try:
-        load_records(s.data, d.text_field, d.prompt_field, d.completion_field)  # FedtuneError names the problem
+        records = load_records(s.data, d.text_field, d.prompt_field, d.completion_field)  # FedtuneError names it
     finally:
         quiet.setLevel(level)
+    if s.user_field:  # every record names its person before any run can ask for a round
+        from fedtune.user_data import user_ids
+
+        user_ids(records, s.user_field, f"data file {s.data}", "client.user_field")
     check_port("127.0.0.1", s.port, "the client's local ClientApp")
     from fedtune.deploy.lifetime import open_lifetime
 

@@ -61,9 +61,18 @@ class Lifetime:
         """Held from the budget check to the spend: two runs on one data set never both pass the check."""
         return file_lock(self.ledger.path.parent / ".lock")
 
-    def check(self, round_history: tuple[float, float, int]) -> tuple[float, float, str]:
+    def units(self) -> set[str]:
+        """The privacy units its rounds were trained at (spends before the user unit: one record)."""
+        return {e.get("unit", "record") for e in self.ledger.spends()}
+
+    def check(self, round_history: tuple[float, float, int], unit: str = "record") -> tuple[float, float, str]:
         """(ε before, ε after one more round, '' or the reason to refuse it)."""
         before, after = self.epsilon(), self.epsilon([round_history])
+        other = sorted(self.units() - {unit})
+        if other:  # one lifetime ε composes rounds of one unit: a record-level round is no bound on a person
+            return before, after, (f"lifetime budget of data set {self.dataset!r} was spent at privacy unit "
+                                   f"{other[0]!r} and this round is at {unit!r} (client.user_field changed): one "
+                                   f"lifetime ε holds for one unit; restore client.user_field")
         if after <= self.budget:
             return before, after, ""
         return before, after, (f"lifetime budget of data set {self.dataset!r}: this round would raise its ε from "
@@ -73,7 +82,7 @@ class Lifetime:
     def spend(self, run: str, server_round: int | str, plan, run_epsilon: float) -> dict:
         """Record one trained round (durable before the update leaves)."""
         after = self.epsilon([plan.round_history])
-        return self.ledger.record_spend(server_round, plan, after, run=run, run_delta=plan.delta,
+        return self.ledger.record_spend(server_round, plan, after, run=run, unit=plan.privacy_unit, run_delta=plan.delta,
                                         run_accountant=plan.accountant, run_epsilon=run_epsilon, delta=self.delta,
                                         accountant=self.accountant, budget=self.budget)
 
