@@ -89,6 +89,7 @@ class ClientSetup:
     run_dir: Path
     pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
     node: LocalNode | None = None  # a deployed client's own settings (its policy); None in simulation
+    train_choice: dict | None = None  # the DP-aware defaults this client chose (fedtune.privacy.defaults)
 
 
 _MODELS: dict[tuple, _Model] = {}
@@ -148,7 +149,16 @@ def setup(context: Context) -> ClientSetup:
         _DATA[key] = (*client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index)),
                       m.tokenizer.pad_token_id)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id)
+    return with_train_defaults(ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id))
+
+
+def with_train_defaults(s: ClientSetup) -> ClientSetup:
+    """``s`` with automatic train settings (0) made concrete from public inputs and its record count."""
+    from fedtune.privacy.defaults import resolve
+
+    s.cfg, choice = resolve(s.cfg, dataset_units(s.cfg, s.train))
+    s.train_choice = choice.to_dict() if choice is not None else None
+    return s
 
 
 def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
@@ -158,7 +168,7 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     if key not in _DATA:
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node)
+    return with_train_defaults(ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node))
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:
@@ -219,7 +229,8 @@ def _plan(ledger: Ledger, s: ClientSetup, server_round: int = 0) -> Plan:
         return plan
     plan = make_plan(s.cfg, size)
     ledger.append({**plan.to_entry(), "client": s.name, "unit": unit_of(s.cfg), "covers": COVERS,
-                   "not_covered": NOT_COVERED, "time": now()})
+                   "not_covered": NOT_COVERED, "train": {"batch_size": s.cfg.train.batch_size,
+                   "learning_rate": s.cfg.train.learning_rate, "choice": s.train_choice}, "time": now()})
     return plan
 
 

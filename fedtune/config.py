@@ -63,10 +63,11 @@ class DataSection:
 class TrainSection:
     local_epochs: float = 0.5  # passes over the client's data per round
     local_steps: int = 0  # > 0 overrides local_epochs
-    batch_size: int = 16  # expected batch size (Poisson sampling under DP)
+    batch_size: int = 0  # expected batch size (Poisson sampling under DP); 0 = auto: 16, under DP fedtune.privacy.defaults
     physical_batch_size: int = 0  # examples per forward/backward pass; 0 = as many as memory_budget_mb holds
     memory_budget_mb: int = 0  # a client's training memory; 0 = its share of the machine (fedtune.memory)
-    learning_rate: float = 5e-3
+    learning_rate: float = 0.0  # 0 = auto: 0.005, under DP fedtune.privacy.defaults
+    dp_compute: float = 2.0  # DP with auto batch: example passes per round, as a multiple of local_epochs
     weight_decay: float = 0.0
     eval_batch_size: int = 16
     threads: int = 0  # torch threads per client; 0 = its CPU share (simulation) or all cores
@@ -386,11 +387,13 @@ def validate(cfg: Config) -> None:
         t.local_steps > 0 or (t.local_epochs > 0 and math.isfinite(t.local_epochs)),
         f"train.local_epochs must be > 0 when train.local_steps is 0 (got {t.local_epochs})",
     )
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+    _check(t.batch_size >= 0, f"train.batch_size must be >= 1, or 0 for the automatic choice (got {t.batch_size})")
     _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = from train.memory_budget_mb)")
     _check(t.memory_budget_mb >= 0, f"train.memory_budget_mb must be >= 0 (got {t.memory_budget_mb}); 0 = the "
            "client's share of the machine")
-    _check(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"train.learning_rate must be > 0 (got {t.learning_rate})")
+    _check(t.learning_rate >= 0 and math.isfinite(t.learning_rate),
+           f"train.learning_rate must be > 0, or 0 for the automatic choice (got {t.learning_rate})")
+    _check(t.dp_compute > 0 and math.isfinite(t.dp_compute), f"train.dp_compute must be > 0 (got {t.dp_compute})")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {t.eval_batch_size})")
     _check(t.threads >= 0, f"train.threads must be >= 0 (got {t.threads})")
