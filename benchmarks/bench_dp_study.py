@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedtune import config as config_mod  # noqa: E402
 from fedtune.cli import make_follower  # noqa: E402
+from fedtune.driver import RunFailed  # noqa: E402
 from fedtune.runfolder import read_json  # noqa: E402
 
 
@@ -108,7 +109,13 @@ def main() -> None:
             for eps in args.epsilons:
                 for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
                     load = os.getloadavg()[0]
-                    row = one_run(args.config, name, overrides, eps, repeat, args.runs)
+                    try:
+                        row = one_run(args.config, name, overrides, eps, repeat, args.runs)
+                    except RunFailed as exc:  # recorded, not hidden: e.g. out of memory on a shared machine
+                        results.setdefault("failed", []).append({"point": name, "epsilon_target": eps,
+                                                                 "repeat": repeat, "error": str(exc)[:500]})
+                        path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+                        continue
                     row["load_before"] = load
                     results["runs"].append(row)
                     path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")

@@ -56,3 +56,29 @@ def test_without_dp_the_old_defaults_and_the_users_settings_are_kept():
 def test_a_budget_that_trains_no_useful_step_is_refused(args, message):
     with pytest.raises(FedtuneError, match=message):
         choose(*args, "smollm2-135m-instruct")
+
+
+def test_a_client_left_on_auto_trains_with_its_choice_and_the_ledger_says_why(tmp_path, task_identity, tiny_path):
+    from fedtune.client import handle_train
+    from fedtune.privacy import Ledger, epsilon_independent
+    from fedtune.report import train_choice_lines
+    from fedtune.runfolder import ledger_path
+    from fedtune.server import initial_adapter
+    from tests.test_client import _context, _message
+
+    cfg = tiny_config(run={"dir": str(tmp_path)}, train={"batch_size": 0, "learning_rate": 0.0, "local_steps": 0})
+    reply = handle_train(_message(initial_adapter(cfg, tiny_path), 1), _context(cfg))
+    assert not reply.has_error()
+    ledger = Ledger(ledger_path(tmp_path, "client-0"))
+    plan = ledger.plan()
+    choice = plan["train"]["choice"]
+    n = plan["dataset_size"]
+    assert choice == choose(cfg.privacy.epsilon, cfg.privacy.delta, n, cfg.federation.rounds,
+                            cfg.train.local_epochs * cfg.train.dp_compute, cfg.model.name).to_dict()
+    assert plan["sample_rate"] == pytest.approx(choice["batch_size"] / n)
+    assert plan["steps_per_round"] == choice["local_steps"] and plan["train"]["learning_rate"] == DP_LEARNING_RATE
+    assert reply.content["metrics"]["steps"] == choice["local_steps"]
+    # σ is calibrated for the chosen (q, steps): the ledger's ε is an independent accountant's
+    assert ledger.spends()[-1]["epsilon"] == pytest.approx(epsilon_independent(ledger.history(), plan["delta"]), rel=1e-3)
+    line = train_choice_lines([{"client": "client-0", "train": plan["train"]}])[-1]
+    assert f"expected batch {choice['batch_size']}" in line and "DP-aware defaults" in line
