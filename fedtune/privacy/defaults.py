@@ -100,3 +100,12 @@ def resolve(cfg, records: int):
     lr = t.learning_rate or choice.learning_rate
     return cfg.replace(train={"batch_size": choice.batch_size, "local_steps": choice.local_steps,
                               "learning_rate": lr}), choice
+
+
+def announce_choice(cfg, sizes: dict[str, tuple[int, int]]) -> str:
+    """One line for the console: the first client's automatic choice (records unit; others alike)."""
+    if not sizes or cfg.privacy.unit != "record":
+        return ""
+    name, (records, _) = next(iter(sizes.items()))
+    _, choice = resolve(cfg, records)
+    return f"{name}: {choice.why}" if choice is not None else ""
