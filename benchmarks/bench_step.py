@@ -161,7 +161,9 @@ def main() -> None:
                     help="only: peak memory of one DP step of logical BATCH under a memory budget (0 = auto); "
                          "writes step_bounded_BATCH_BUDGET.json")
     args = ap.parse_args()
-    cfg = config_mod.load(ROOT / "simulations" / "default.toml", {"model.name": args.model})
+    # a step of batch 16 at lr 0.005 (the non-DP defaults; under DP the default batch is automatic)
+    cfg = config_mod.load(ROOT / "simulations" / "default.toml", {"model.name": args.model, "train.batch_size": 16,
+                                                                  "train.learning_rate": 0.005})
     if args.memory:
         print(json.dumps(measure_memory(args.memory, cfg, args.threads)))
         return

@@ -217,6 +217,11 @@ def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:
     clients = ", ".join(f"{name} {tr}/{ho}" for name, (tr, ho) in sizes.items())
     print(f"fedtune: {cfg.federation.mode}, {cfg.federation.rounds} round(s), {cfg.model.name}, {dp}", file=sys.stderr)
     print(f"fedtune: train/held-out records: {clients}", file=sys.stderr)
+    from fedtune.privacy.defaults import announce_choice
+
+    line = announce_choice(cfg, sizes)
+    if line:
+        print(f"fedtune: {line}", file=sys.stderr)
 
 
 def _print_result(run_dir: Path) -> None:

@@ -58,7 +58,7 @@ def summarize(run_dir: Path) -> dict:
             c.update(ledger=str(ledger.path.relative_to(run_dir)), noise_multiplier=plan.get("noise_multiplier"),
                      sample_rate=plan.get("sample_rate"), steps_per_round=plan.get("steps_per_round"),
                      budget=plan.get("budget"), seeded=plan.get("seeded", False), unit=plan.get("unit"),
-                     covers=plan.get("covers"), not_covered=plan.get("not_covered"),
+                     covers=plan.get("covers"), not_covered=plan.get("not_covered"), train=plan.get("train"),
                      epsilon=spends[-1]["epsilon"] if spends else 0.0)
             c.setdefault("train_records", plan.get("dataset_size"))
     same = same_records([r for r in rows if r["phase"] == "evaluate"], final.get("round", 0))
@@ -201,6 +201,7 @@ def _privacy_lines(s: dict, p: dict) -> list[str]:
         for c in s["clients"]:
             lines.append(f"| {c['client']} | {_fmt(c.get('noise_multiplier'), 3)} | {_fmt(c.get('sample_rate'), 4)} | "
                          f"{c.get('steps_per_round', '–')} | {_fmt(c.get('epsilon'))} | {c.get('ledger', '–')} |")
+        lines += train_choice_lines(s["clients"])
     else:
         lines += ["This run trained **without** record-level differential privacy: nothing bounds what the clients' "
                   "updates reveal about any record."]
@@ -251,6 +252,17 @@ def _after_lines(s: dict) -> list[str]:
     lines += ["", "Files: `metrics.jsonl` (per client, per round), `adapters/` (PEFT adapter folders), "
               "`config.toml` (the resolved config), `summary.json`.", ""]
     return lines
+
+
+def train_choice_lines(clients: list[dict]) -> list[str]:
+    """Each client's batch size and learning rate, and why when fedtune chose them (DP-aware defaults)."""
+    out = []
+    for c in clients:
+        t = c.get("train") or {}
+        if t:
+            why = (t.get("choice") or {}).get("why", "set in the config")
+            out.append(f"- {c['client']}: expected batch {t['batch_size']}, learning rate {t['learning_rate']:g}: {why}.")
+    return ["", "**Training settings:**", ""] + out if out else []
 
 
 def write_summary(run_dir: str | Path, comparison: list[dict] | None = None) -> dict:

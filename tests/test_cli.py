@@ -47,6 +47,10 @@ CASES = {
     "secagg weight bound": (lambda t: [TINY, "--secagg", "--set", "secagg.max_weight=10"],
                             "above secagg.max_weight=10"),
     "no GPU": (lambda t: [TINY, "--set", "model.device=cuda"], "no CUDA GPU is visible"),
+    "DP defaults: ε buys no useful step": (lambda t: [TINY, "--set", "train.batch_size=0", "--set", "train.local_steps=0",
+                                                   "--epsilon", "0.01"], "no step would learn"),
+    "DP defaults: no compute": (lambda t: [TINY, "--set", "train.batch_size=0", "--set", "train.local_steps=0",
+                                          "--set", "train.local_epochs=0.001"], "trains no batch"),
     "unknown aggregation": (lambda t: [TINY, "--aggregation", "fedfoo"],
                             "federation.aggregation must be one of fedavg, ffa, fedsa"),
 }

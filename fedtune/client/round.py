@@ -88,7 +88,9 @@ def plan_of(ledger: Ledger, s: ClientSetup, server_round: int = 0) -> Plan:
             )
         return plan
     plan = make_plan(s.cfg, size)
-    ledger.record_plan(plan, client=s.name, unit=unit_of(s.cfg), covers=COVERS, not_covered=NOT_COVERED)
+    ledger.record_plan(plan, client=s.name, unit=unit_of(s.cfg), covers=COVERS, not_covered=NOT_COVERED,
+                       train={"batch_size": s.cfg.train.batch_size, "learning_rate": s.cfg.train.learning_rate,
+                              "choice": s.train_choice})
     return plan
 
 

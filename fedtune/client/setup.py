@@ -20,6 +20,8 @@ from flwr.app import Context
 from fedtune import config as config_mod
 from fedtune.deploy.node import LocalNode, from_node_config as deployed_node, local_config, local_examples
 from fedtune.errors import FedtuneError
+from fedtune.privacy.defaults import resolve as resolve_train
+from fedtune.privacy.user_level import dataset_units
 from fedtune.runfolder import read_json, run_dir_for
 
 # torch, transformers, peft, opacus and datasets are imported where a message needs them:
@@ -61,6 +63,7 @@ class ClientSetup:
     run_dir: Path
     pad_id: int  # the tokenizer's padding id (masked out, but batches stay identical everywhere)
     node: LocalNode | None = None  # a deployed client's own settings (its policy); None in simulation
+    train_choice: dict | None = None  # the DP-aware defaults this client chose (fedtune.privacy.defaults)
 
 
 _MODELS: dict[tuple, LoadedModel] = {}
@@ -133,7 +136,7 @@ def simulated_setup(cfg: config_mod.Config, index: int, partitions: int | None =
         _DATA[key] = (*client_examples(cfg, index, m.tokenizer, extra_train=_planted(cfg, run_dir, index)),
                       m.tokenizer.pad_token_id)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id)
+    return with_train_defaults(ClientSetup(cfg, index, client_name(cfg, index), m, train, heldout, run_dir, pad_id))
 
 
 def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
@@ -143,7 +146,14 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     if key not in _DATA:
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
-    return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node)
+    return with_train_defaults(ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node))
+
+
+def with_train_defaults(s: ClientSetup) -> ClientSetup:
+    """``s`` with automatic train settings (0) made concrete from public inputs and its record count."""
+    s.cfg, choice = resolve_train(s.cfg, dataset_units(s.cfg, s.train))
+    s.train_choice = choice.to_dict() if choice is not None else None
+    return s
 
 
 def _planted(cfg: config_mod.Config, run_dir: Path, index: int) -> list[dict]:

@@ -53,10 +53,11 @@ class DataSection:
 class TrainSection:
     local_epochs: float = 0.5  # passes over the client's data per round
     local_steps: int = 0  # > 0 overrides local_epochs
-    batch_size: int = 16  # expected batch size (Poisson sampling under DP)
+    batch_size: int = 0  # expected batch size (Poisson sampling under DP); 0 = auto: 16, under DP fedtune.privacy.defaults
     physical_batch_size: int = 0  # examples per forward/backward pass; 0 = as many as memory_budget_mb holds
     memory_budget_mb: int = 0  # a client's training memory; 0 = its share of the machine (fedtune.memory)
-    learning_rate: float = 5e-3
+    learning_rate: float = 0.0  # 0 = auto: 0.005, under DP fedtune.privacy.defaults
+    dp_compute: float = 2.0  # DP with auto batch: example passes per round, as a multiple of local_epochs
     weight_decay: float = 0.0
     eval_batch_size: int = 16
     threads: int = 0  # torch threads per client; 0 = its CPU share (simulation) or all cores

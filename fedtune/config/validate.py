@@ -63,11 +63,13 @@ def _train(cfg: Config) -> None:
         t.local_steps > 0 or (t.local_epochs > 0 and math.isfinite(t.local_epochs)),
         f"train.local_epochs must be > 0 when train.local_steps is 0 (got {t.local_epochs})",
     )
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+    _check(t.batch_size >= 0, f"train.batch_size must be >= 1, or 0 for the automatic choice (got {t.batch_size})")
     _check(t.physical_batch_size >= 0, "train.physical_batch_size must be >= 0 (0 = from train.memory_budget_mb)")
     _check(t.memory_budget_mb >= 0, f"train.memory_budget_mb must be >= 0 (got {t.memory_budget_mb}); 0 = the "
            "client's share of the machine")
-    _check(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"train.learning_rate must be > 0 (got {t.learning_rate})")
+    _check(t.learning_rate >= 0 and math.isfinite(t.learning_rate),
+           f"train.learning_rate must be > 0, or 0 for the automatic choice (got {t.learning_rate})")
+    _check(t.dp_compute > 0 and math.isfinite(t.dp_compute), f"train.dp_compute must be > 0 (got {t.dp_compute})")
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     _check(t.eval_batch_size >= 1, f"train.eval_batch_size must be >= 1 (got {t.eval_batch_size})")
     _check(t.threads >= 0, f"train.threads must be >= 0 (got {t.threads})")

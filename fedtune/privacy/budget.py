@@ -52,7 +52,11 @@ class Plan:
 
 
 def make_plan(cfg, dataset_size: int) -> Plan:
-    """``dataset_size``: the client's records, or its people under the user unit (user_level.dataset_units)."""
+    """``dataset_size``: the client's records, or its people under the user unit (user_level.dataset_units).
+    Automatic train settings (0) are made concrete first (fedtune.privacy.defaults)."""
+    from fedtune.privacy.defaults import resolve
+
+    cfg = resolve(cfg, dataset_size)[0]
     p = cfg.privacy
     q = min(1.0, cfg.train.batch_size / dataset_size)
     k = steps_per_round(cfg, dataset_size)
