@@ -156,6 +156,7 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     m = _model(cfg)
     key = ("deployed", node.data_file, cfg.data, cfg.run.seed, cfg.model.max_length, m.path)
     if key not in _DATA:
+        _DATA.clear()  # one client's data set per worker: memory stays bounded however many runs ask
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
     return ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node)
@@ -317,6 +318,8 @@ def _check_encoding(context: Context, encoding) -> None:
                            "client's config has client_dp on; refusing to send an un-noised update")
     key = (cfg.client_dp, cfg.secagg, cfg.federation, encoding.ddg.dim)
     if key not in _DDG:
+        if len(_DDG) >= 8:  # a long-lived worker serves run after run: keep a few plans, not all
+            _DDG.clear()
         _DDG[key] = plan_for(cfg, encoding.ddg.dim)
     mine = _DDG[key].to_dict()
     asked = encoding.ddg.to_dict()
