@@ -110,6 +110,26 @@ def test_the_same_run_meeting_the_policy_trains(tmp_path, task_identity, tiny_pa
     assert not reply.has_error() and reply.content["metrics"]["refused"] == 0 and "arrays" in reply.content.array_records
 
 
+def test_a_model_the_operator_did_not_accept_is_refused_before_it_is_loaded(
+        tmp_path, task_identity, tiny_path, data_file, monkeypatch):
+    """A server naming a folder on the client's machine (here the tiny model's, which exists)
+    gets a one-line refusal and nothing is loaded from it; listed in policy.models, it trains."""
+    import fedtune.client.setup as client_mod
+    import fedtune.model as model_mod
+
+    cfg = tiny_config(model={"name": tiny_path})
+    loaded = []
+    real = model_mod.load_base_model
+    monkeypatch.setattr(model_mod, "load_base_model", lambda path, *a, **k: loaded.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(client_mod, "_MODELS", {})  # a fresh worker
+    reply = _train(cfg, _node(tmp_path, data_file), initial_adapter(cfg, tiny_path))
+    assert reply.has_error() and loaded == []
+    assert "clinic-a refused the run: policy: the run's model.name" in reply.error.reason
+    assert "policy.models" in reply.error.reason and "\n" not in reply.error.reason
+    reply = _train(cfg, _node(tmp_path, data_file, models=[tiny_path]), initial_adapter(cfg, tiny_path))
+    assert not reply.has_error() and reply.content["metrics"]["refused"] == 0 and loaded == [tiny_path]
+
+
 def test_a_weaker_client_level_epsilon_is_refused_at_the_first_secure_message(tmp_path, data_file):
     """Under SecAgg+ the first message is advertise: the client derives its distributed-DP
     noise from the run's plan only once the plan meets its policy."""
@@ -132,6 +152,7 @@ def test_a_weaker_client_level_epsilon_is_refused_at_the_first_secure_message(tm
     ({"max_client_epsilon": 4.0}, "applies under policy.client_dp"),
     ({"dp": "yes"}, "policy.dp must be a bool"),
     ({"strict": True}, "unknown key policy.strict"),
+    ({"models": "smollm2"}, "policy.models must be a list"),
 ])
 def test_a_bad_policy_is_one_line_naming_the_file_and_exit_2(tmp_path, table, fix):
     import subprocess
@@ -147,3 +168,17 @@ def test_a_bad_policy_is_one_line_naming_the_file_and_exit_2(tmp_path, table, fi
     assert res.returncode == 2 and "Traceback" not in res.stderr
     line = res.stderr.strip().splitlines()[-1]
     assert str(path) in line and fix in line
+
+
+def test_a_worker_serving_run_after_run_holds_one_data_set(tmp_path, task_identity, tiny_path, data_file, monkeypatch):
+    """A long-lived deployed worker: runs that ask again and again (other seeds) do not pile
+    up tokenized copies of the client's data; one model, one data set."""
+    import fedtune.client.setup as client_mod
+
+    monkeypatch.setattr(client_mod, "_DATA", {})
+    for seed in (1, 2, 3):
+        cfg = tiny_config(run={"seed": seed, "name": f"run-{seed}"})
+        node = {**_node(tmp_path, data_file), "budget": 100.0}  # a lifetime budget for three runs
+        reply = _train(cfg, node, initial_adapter(cfg, tiny_path))
+        assert not reply.has_error() and reply.content["metrics"]["refused"] == 0, reply.content["client"]
+    assert len(client_mod._DATA) == 1 and len(client_mod._MODELS) == 1

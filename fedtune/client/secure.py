@@ -67,6 +67,8 @@ def check_encoding(context: Context, encoding) -> None:
                            "client's config has client_dp on; refusing to send an un-noised update")
     key = (cfg.client_dp, cfg.secagg, cfg.federation, encoding.ddg.dim)
     if key not in _DDG:
+        if len(_DDG) >= 8:  # a long-lived worker serves run after run: keep a few plans, not all
+            _DDG.clear()
         _DDG[key] = plan_for(cfg, encoding.ddg.dim)
     mine = _DDG[key].to_dict()
     asked = encoding.ddg.to_dict()

@@ -144,6 +144,7 @@ def _deployed_setup(cfg: config_mod.Config, node) -> ClientSetup:
     m = _model(cfg)
     key = ("deployed", node.data_file, cfg.data, cfg.run.seed, cfg.model.max_length, m.path)
     if key not in _DATA:
+        _DATA.clear()  # one client's data set per worker: memory stays bounded however many runs ask
         _DATA[key] = local_examples(cfg, node, m.path, lambda: m.tokenizer)
     train, heldout, pad_id = _DATA[key]
     return with_train_defaults(ClientSetup(cfg, 0, node.name, m, train, heldout, node.run_dir(cfg), pad_id, node))

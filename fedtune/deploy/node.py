@@ -81,6 +81,9 @@ def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
                            "guarantee would not hold; set client.allow_seeded = true only for tests")
     if cfg.audit.canaries or cfg.audit.secrets:
         raise FedtuneError(f"{node.name} refuses planted audit records (audit.canaries/secrets): they are for simulations")
+    reason = node.policy.model_violation(cfg.model.name)
+    if reason:  # before any model is loaded: the worker holds only models its operator accepts
+        raise FedtuneError(f"{node.name} refused the run: policy: {reason}")
     from fedtune.privacy.user_level import operator_unit
 
     # Whether per-client losses leave is the operator's choice (policy.reveal_losses), never the server's.

@@ -27,6 +27,7 @@ class Policy:
     client_dp: bool = False  # require distributed DP: this client adds its share of client-level noise
     max_client_epsilon: float = 0.0  # under client_dp: the largest client-level ε (target and budget) accepted; 0 = any
     reveal_losses: bool = False  # under DP: send per-client losses (covered by no DP); the server cannot turn it on
+    models: list = field(default_factory=list)  # base models a run may name besides the built-ins (names, folders)
 
     def check(self, where: str) -> Policy:
         """This policy, or FedtuneError naming ``where`` and the fix."""
@@ -41,6 +42,8 @@ class Policy:
                                "added by the clients under secure aggregation)")
         if not (self.max_client_epsilon >= 0 and math.isfinite(self.max_client_epsilon)):
             raise FedtuneError(f"{where}: policy.max_client_epsilon must be a finite ε >= 0 (got {self.max_client_epsilon})")
+        if not isinstance(self.models, list) or not all(isinstance(m, str) and m.strip() for m in self.models):
+            raise FedtuneError(f"{where}: policy.models must be a list of model names or folders (got {self.models!r})")
         if self.max_client_epsilon > 0 and not self.client_dp:
             raise FedtuneError(f"{where}: policy.max_client_epsilon applies under policy.client_dp = true; set both or "
                                "set max_client_epsilon = 0")
@@ -51,7 +54,7 @@ class Policy:
         return {"policy-dp": self.dp, "policy-max-delta": self.max_delta,
                 "policy-accountants": ",".join(self.accountants), "policy-secagg": self.secagg,
                 "policy-client-dp": self.client_dp, "policy-max-client-epsilon": self.max_client_epsilon,
-                "policy-reveal-losses": self.reveal_losses}
+                "policy-reveal-losses": self.reveal_losses, "policy-models": "\n".join(self.models)}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Policy:
@@ -62,7 +65,19 @@ class Policy:
                    [a for a in accountants.split(",") if a], bool(node_config.get("policy-secagg", d.secagg)),
                    bool(node_config.get("policy-client-dp", d.client_dp)),
                    float(node_config.get("policy-max-client-epsilon", d.max_client_epsilon)),
-                   bool(node_config.get("policy-reveal-losses", d.reveal_losses))).check("the node config")
+                   bool(node_config.get("policy-reveal-losses", d.reveal_losses)),
+                   [m for m in str(node_config.get("policy-models", "")).split("\n") if m]).check("the node config")
+
+    def model_violation(self, name: str) -> str:
+        """'' if this client may load the base model ``name``, else why not: a run may name a
+        built-in model or one the operator listed, never any other folder on this machine or
+        a model from the Hub (it would load files the server chose)."""
+        from fedtune.model import BUILTIN_MODELS  # lazy: fedtune.model imports torch; `client start` needs none
+
+        if name in BUILTIN_MODELS or name in self.models:
+            return ""
+        return (f"the run's model.name {name!r} is not a built-in model ({', '.join(BUILTIN_MODELS)}) nor in this "
+                "client's policy.models; add it there to accept it")
 
     # ---- the rule ---------------------------------------------------------------------
     def violation(self, cfg, secure: bool, records: int) -> str:
