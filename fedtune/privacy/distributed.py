@@ -172,7 +172,7 @@ def conditional_round(x: np.ndarray, bound: float, uniform: Uniform) -> np.ndarr
     raise FedtuneError("distributed DP: randomized rounding kept exceeding its norm bound (a bug)")
 
 
-def privatize(update: np.ndarray, plan: DDGPlan, uniform: Uniform | None = None) -> np.ndarray:
+def add_ddg_noise(update: np.ndarray, plan: DDGPlan, uniform: Uniform | None = None) -> np.ndarray:
     """The client's integer vector: clip to C, scale by 1/γ, round, add its discrete Gaussian noise."""
     uniform = uniform or Uniform()
     x = np.asarray(update, dtype=np.float64).reshape(-1)
