@@ -12,7 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+from fedtune import config as config_mod
+from fedtune.config import parse_assignment
+from fedtune.deploy.cli import COMMANDS, add_parsers
 from fedtune.errors import FedtuneError
+from fedtune.export import COMMANDS as EXPORT_COMMANDS
+from fedtune.export import add_parsers as add_export_parsers
+from fedtune.headline import headline
+from fedtune.privacy.defaults import announce_choice
+from fedtune.simulate import BASELINES, RunFailed, simulate
 
 
 def _simulate_parser(sub) -> None:
@@ -88,8 +96,6 @@ def _data_parser(sub) -> None:
 
 
 def _overrides(args) -> dict:
-    from fedtune.config import parse_assignment
-
     out: dict = {}
     pairs = {"clients": "federation.clients", "rounds": "federation.rounds", "model": "model.name",
              "data": "data.source", "output": "run.output", "name": "run.name", "mode": "federation.mode",
@@ -117,8 +123,6 @@ def _overrides(args) -> dict:
 
 
 def _baselines(text: str | None) -> list[str]:
-    from fedtune.simulate import BASELINES
-
     if text is None:
         return []
     names = list(BASELINES) if text == "all" else [n.strip() for n in text.split(",") if n.strip()]
@@ -191,9 +195,6 @@ def make_follower(quiet: bool):
 
 # ---- commands --------------------------------------------------------------------------------
 def cmd_simulate(args) -> int:
-    from fedtune import config as config_mod
-    from fedtune.simulate import simulate
-
     cfg = config_mod.load(args.config, _overrides(args))
     baselines = _baselines(args.baselines)
     for sig in (signal.SIGTERM, signal.SIGHUP):  # killed from outside: stop the SuperLink as Ctrl-C does
@@ -217,8 +218,6 @@ def _announce(cfg, sizes: dict[str, tuple[int, int]]) -> None:
     clients = ", ".join(f"{name} {tr}/{ho}" for name, (tr, ho) in sizes.items())
     print(f"fedtune: {cfg.federation.mode}, {cfg.federation.rounds} round(s), {cfg.model.name}, {dp}", file=sys.stderr)
     print(f"fedtune: train/held-out records: {clients}", file=sys.stderr)
-    from fedtune.privacy.defaults import announce_choice
-
     line = announce_choice(cfg, sizes)
     if line:
         print(f"fedtune: {line}", file=sys.stderr)
@@ -228,8 +227,6 @@ def _print_result(run_dir: Path) -> None:
     import json
 
     s = json.loads((run_dir / "summary.json").read_text())
-    from fedtune.headline import headline
-
     print(f"run folder: {run_dir}")
     if headline(s):
         print(headline(s))
@@ -255,7 +252,7 @@ def cmd_audit(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fedtune.privacy.audit import SHORT_UNIT, run_audit
+    from fedtune.privacy.audit import SHORT_UNIT, run_audit  # lazy: flwr, numpy (the server's receipts)
 
     result = run_audit(args.run_dir, verify=args.verify, empirical=args.empirical)
     console = Console()
@@ -304,9 +301,7 @@ def cmd_audit(args) -> int:
 
 
 def cmd_data(args) -> int:
-    from fedtune import config as config_mod
-    from fedtune.config import parse_assignment
-    from fedtune.data import export_clients
+    from fedtune.data import export_clients  # lazy: torch
 
     overrides = dict(parse_assignment(item) for item in args.set)
     if args.clients is not None:
@@ -321,8 +316,7 @@ def cmd_data(args) -> int:
 
 
 def cmd_personalize(args) -> int:
-    from fedtune.config import parse_assignment
-    from fedtune.personalize import MD, personalize
+    from fedtune.personalize import MD, personalize  # lazy: torch, flwr
 
     overrides = dict(parse_assignment(item) for item in args.set)
     if args.method:
@@ -348,20 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     _audit_parser(sub)
     _personalize_parser(sub)
     _data_parser(sub)
-    from fedtune.deploy.cli import add_parsers
-    from fedtune.export import add_parsers as add_export_parsers
-
     add_parsers(sub)
     add_export_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedtune.simulate import RunFailed
-
-    from fedtune.deploy.cli import COMMANDS
-    from fedtune.export import COMMANDS as EXPORT_COMMANDS
-
     args = build_parser().parse_args(argv)
     try:
         commands = {"simulate": cmd_simulate, "audit": cmd_audit, "personalize": cmd_personalize, "data": cmd_data,

@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedtune import user_data
+from fedtune.config import Config, DataSection, RunSection
 from fedtune.errors import FedtuneError
+from fedtune.runfolder import atomic_write_text
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -184,8 +186,6 @@ def _partitioner(cfg, num_partitions: int):
 
 @functools.lru_cache(maxsize=8)
 def _client_splits(source, fields, partition, partition_by, alpha, seed, clients, eval_fraction, user_field=""):
-    from fedtune.config import Config, DataSection, RunSection  # cache key stays hashable
-
     cfg = Config(
         run=RunSection(seed=seed),
         data=DataSection(source=source, partition=partition, partition_by=partition_by, dirichlet_alpha=alpha,
@@ -273,8 +273,6 @@ def export_clients(cfg, out_dir: str | Path, names: list[str] | None = None) -> 
     """Write each simulated client's records to ``out_dir/<name>.jsonl`` (prompt, completion,
     split): given to a deployed client, the file yields exactly the simulated client's
     training and held-out records, in the same order. Names default to client-0, client-1, ..."""
-    from fedtune.runfolder import atomic_write_text
-
     n = cfg.federation.clients
     names = names or [f"client-{i}" for i in range(n)]
     if len(names) != n or len(set(names)) != n:

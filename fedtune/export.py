@@ -48,7 +48,7 @@ def merged_model(run_dir: str | Path, client: str | None = None):
     import torch
     from peft import PeftModel
 
-    from fedtune.model import load_base_model, load_tokenizer
+    from fedtune.model import load_base_model, load_tokenizer  # lazy: torch (`fedtune` start-up)
 
     run_dir = Path(run_dir)
     folder = adapter_folder(run_dir, client)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.errors import FedtuneError
-from fedtune.runfolder import file_lock
+from fedtune.runfolder import file_lock, fsync_dir
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TINY_MODEL = "tiny-random-llama"
@@ -266,8 +266,6 @@ def check_adapter_state(state: dict[str, Any], expected: dict[str, torch.Tensor]
 def save_adapter(folder: Path, state: dict[str, torch.Tensor], cfg, base_model: str) -> None:
     """Write a PEFT adapter folder (``PeftModel.from_pretrained`` loads it) atomically."""
     from safetensors.torch import save_file
-
-    from fedtune.runfolder import fsync_dir
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -17,6 +17,8 @@ record, so the number of records N is itself private. Under DP:
 
 from __future__ import annotations
 
+from fedtune.receipts import SERVER_FIELDS
+
 REVEALED_UNDER_DP = ("refused", "resent", "num-examples", "epsilon", "steps", "noise-multiplier", "sample-rate",
                      "train-seconds", "threads")
 LOSSES = ("train-loss",)  # train metrics sent only with privacy.reveal_losses
@@ -52,8 +54,6 @@ DATA_INDEPENDENT = frozenset({"refused", "resent", "threads", "upload-bytes", "e
 def in_the_clear(rows: list[dict]) -> list[dict]:
     """What clients sent the server in the clear, from its metrics rows: one entry per
     phase and metric, with the clients that sent it and whether it is independent of the data."""
-    from fedtune.receipts import SERVER_FIELDS
-
     seen: dict[tuple[str, str], set[str]] = {}
     for r in rows:
         if r.get("phase") in ("train", "evaluate") and r.get("status") in ("ok", "refused"):

@@ -24,6 +24,9 @@ from pathlib import Path
 from fedtune import config as config_mod
 from fedtune.driver import CONNECTION, RunFailed, app_dir, stop_tree  # noqa: F401 (RunFailed, app_dir: public here too)
 from fedtune.errors import FedtuneError
+from fedtune.privacy import check_affordable, make_plan
+from fedtune.privacy.user_level import dataset_units
+from fedtune.report import summarize, write_summary
 from fedtune.runfolder import (
     atomic_write_text, is_run_dir, new_run_dir, read_json, update_run_file,
 )
@@ -33,16 +36,14 @@ def preflight(cfg: config_mod.Config) -> dict[str, tuple[int, int]]:
     """Fail fast on a bad model, data or device; returns each client's (train, held-out) size."""
     import torch
 
-    from fedtune.data import client_examples, client_name
-    from fedtune.model import add_lora, load_base_model, load_tokenizer, resolve_device, resolve_model
+    from fedtune.data import client_examples, client_name  # lazy: torch
+    from fedtune.model import add_lora, load_base_model, load_tokenizer, resolve_device, resolve_model  # lazy: torch
 
     resolve_device(cfg.model.device)
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tokenizer = load_tokenizer(path)
     add_lora(load_base_model(path, torch.device("cpu")), cfg, seed=cfg.run.seed)  # weights and LoRA targets load
-    from fedtune.privacy import check_affordable, make_plan
-    from fedtune.privacy.client_level import make_server_plan
-    from fedtune.privacy.user_level import dataset_units
+    from fedtune.privacy.client_level import make_server_plan  # lazy: numpy (`fedtune` start-up)
 
     sizes = {}
     for index in range(cfg.num_clients):
@@ -205,8 +206,6 @@ class SimulationResult:
 
 def run_simulation(cfg: config_mod.Config, run_dir: Path, link: LocalSuperLink, show) -> SimulationResult:
     """Submit one run to ``link``, follow it to the end, return its outcome."""
-    from fedtune.report import summarize
-
     cfg = cfg.replace(run={"dir": str(run_dir)})
     atomic_write_text(run_dir / "config.toml", config_mod.dump_toml(cfg))  # also the run config Flower gets
     update_run_file(run_dir, status="submitted")
@@ -255,8 +254,6 @@ def simulate(cfg: config_mod.Config, baselines: list[str], show, announce=None) 
 
     ``show(run_dir, cfg, log_process)`` follows a run; ``announce(cfg, sizes)`` hears the
     checked plan before anything starts."""
-    from fedtune.report import write_summary
-
     app_dir()
     sizes = preflight(cfg)
     for b in baselines:
@@ -275,7 +272,7 @@ def simulate(cfg: config_mod.Config, baselines: list[str], show, announce=None) 
             write_summary(run_dir, rows)
     shutil.rmtree(run_dir / ".flower", ignore_errors=True)  # the private SuperLink's state
     if cfg.personalize.method != "none":
-        from fedtune.personalize import personalize
+        from fedtune.personalize import personalize  # lazy: torch, flwr
 
         personalize(run_dir)
     return run_dir

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fedtune.data import TokenizedData, collate
 from fedtune.model import autocast
+from fedtune.privacy import user_level
 
 
 def per_sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -123,9 +124,7 @@ def train_round(
         net, optimizer = privatize(model, optimizer, dp, noise_generator)
     people = None
     if dp is not None and dp.records_per_user > 0:  # user-level DP: steps of people, not records
-        from fedtune.privacy.user_level import combine_per_person, person_sampler
-
-        people = person_sampler(data, dp.records_per_user, dp.sample_rate)
+        people = user_level.person_sampler(data, dp.records_per_user, dp.sample_rate)
     model.train()
     t0 = time.perf_counter()
     loss_sum, examples, empty = 0.0, 0, 0
@@ -150,7 +149,7 @@ def train_round(
                 loss = seq_loss.mean() * ((1.0 if piece else 0.0) if dp is not None else len(piece) / len(indices))
                 loss.backward()
                 if sizes is not None:  # one row per person: the mean of its records' gradients
-                    combine_per_person(optimizer.params, sizes[j])
+                    user_level.combine_per_person(optimizer.params, sizes[j])
                 if dp is not None or last:
                     optimizer.step()
                 if piece:

@@ -60,3 +60,10 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+def secagg_collect(client, msg, vector, real=True):
+    """The collect stage as fedtune's Flower client runs it (secagg.flower_client._collect): the
+    shares first (a tampered one stops the client before it trains), then the masked input."""
+    client.receive_shares(msg)
+    return client.masked_input(vector, real)

@@ -98,6 +98,6 @@ def test_a_run_that_fails_is_reported_and_exits_1(tmp_path, monkeypatch, capsys)
     def failing_simulate(cfg, baselines, show, announce=None):
         raise simulate.RunFailed("the run did not complete (Flower status finished:failed)")
 
-    monkeypatch.setattr(simulate, "simulate", failing_simulate)
+    monkeypatch.setattr(cli, "simulate", failing_simulate)  # the name cmd_simulate calls
     assert cli.main(["simulate", TINY]) == 1
     assert "fedtune: run failed: the run did not complete" in capsys.readouterr().err

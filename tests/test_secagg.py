@@ -20,6 +20,7 @@ from fedtune.secagg import (
 from fedtune.secagg import crypto
 from fedtune.secagg.encoding import packed_size
 from fedtune.secagg.graph import neighbour_graph
+from tests.conftest import secagg_collect
 
 Hook = Callable[[Stage, int, dict], dict]
 
@@ -57,7 +58,8 @@ class Driver:
 
         srv.receive_advertise(exchange(Stage.ADVERTISE, {c: {} for c in cl}, lambda c, _: cl[c].advertise_keys()))
         srv.receive_share(exchange(Stage.SHARE, srv.share_requests(), lambda c, m: cl[c].share_keys(m)))
-        srv.receive_collect(exchange(Stage.COLLECT, srv.collect_requests(), lambda c, m: cl[c].collect(m, inputs[c])))
+        srv.receive_collect(exchange(Stage.COLLECT, srv.collect_requests(),
+                                     lambda c, m: secagg_collect(cl[c], m, inputs[c])))
         return srv.receive_unmask(exchange(Stage.UNMASK, srv.unmask_requests(), lambda c, m: cl[c].unmask(m)))
 
 
@@ -408,7 +410,7 @@ def test_duplicate_and_unknown_ids_are_rejected():
     assert srv.rejected[999] == "unknown client 999 replied in stage 'advertise'"
     assert 3 not in srv.active and srv.dropped[3] is Stage.ADVERTISE
     srv.receive_share({c: cl[c].share_keys(m) for c, m in srv.share_requests().items()})
-    srv.receive_collect({c: cl[c].collect(m, inputs[c]) for c, m in srv.collect_requests().items()})
+    srv.receive_collect({c: secagg_collect(cl[c], m, inputs[c]) for c, m in srv.collect_requests().items()})
     result = srv.receive_unmask({c: cl[c].unmask(m) for c, m in srv.unmask_requests().items()})
     assert 3 not in result.clients and (result.total == plain_sum(inputs, result.clients, 20)).all()
 
@@ -439,7 +441,7 @@ def test_client_refuses_to_reveal_both_shares_of_a_peer():
     srv.receive_advertise({c: cl[c].advertise_keys() for c in cl})
     srv.receive_share({c: cl[c].share_keys(m) for c, m in srv.share_requests().items()})
     for c, m in srv.collect_requests().items():
-        cl[c].collect(m, inputs[c])
+        secagg_collect(cl[c], m, inputs[c])
     with pytest.raises(SecAggError, match="client 1: asked to reveal both the self-mask share and the mask-key "
                                           "share of client 2; refusing"):
         cl[1].unmask({"survivors": [2, 3], "dropped": [2]})

@@ -11,6 +11,7 @@ import pytest
 
 from fedtune.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, Stage, crypto, identity
 from fedtune.secagg.protocol import pair_mask, self_mask, sign
+from tests.conftest import secagg_collect
 
 IDS = [1, 2, 3, 4]
 TARGET = 1
@@ -46,7 +47,7 @@ class Round:
         if tamper_share:
             requests = tamper_share(requests)
         srv.receive_share({c: r for c, m in requests.items() if (r := self.ask(c, "share_keys", m)) is not None})
-        srv.receive_collect({c: cl[c].collect(m, self.inputs[c], self.real[c])
+        srv.receive_collect({c: secagg_collect(cl[c], m, self.inputs[c], self.real[c])
                              for c, m in srv.collect_requests().items()})
 
     def honest_finish(self):

@@ -12,7 +12,7 @@ from fedtune import config
 from fedtune.secagg import SecAggAborted, SecAggClient, SecAggParams, SecAggServer, Stage
 from fedtune.secagg.flower import Encoding, secure_train
 from fedtune.server import initial_adapter
-from tests.conftest import tiny_config
+from tests.conftest import secagg_collect, tiny_config
 from tests.test_secagg_flower import NODES, Grid, _close, _plain_average
 
 
@@ -24,7 +24,7 @@ def _core_round(real: dict[int, bool], min_inputs: int):
     server.receive_advertise({c: clients[c].advertise_keys() for c in ids})
     server.receive_share({c: clients[c].share_keys(m) for c, m in server.share_requests().items()})
     zeros = np.zeros(8, dtype=np.uint32)
-    replies = {c: clients[c].collect(m, zeros + (7 if real[c] else 0), real[c])
+    replies = {c: secagg_collect(clients[c], m, zeros + (7 if real[c] else 0), real[c])
                for c, m in server.collect_requests().items()}
     return server, clients, replies
 

@@ -1,13 +1,19 @@
 """The typed run configuration: one frozen dataclass per section (``[privacy]``,
-``[train]``...) and the ``Config`` that holds them. Adding a key: a field here with its
-default and a comment, its rule in validate.py (per section), its default in
+``[train]``...), the ``Config`` that holds them, and its flat keys (``"section.key"``,
+Flower's run-config shape: ``to_flat``; ``from_flat`` coerces and validates). Adding a
+key: a field here with its default and a comment, its rule in validate.py (per section), its default in
 simulations/default.toml and pyproject.toml's ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
+
+from fedtune.config.validate import validate
+from fedtune.errors import FedtuneError
 
 
 @dataclass(frozen=True)
@@ -195,8 +201,6 @@ class Config:
 
     def replace(self, **sections: Mapping[str, Any]) -> Config:
         """Copy with some keys changed: ``cfg.replace(privacy={"epsilon": 3})``."""
-        from fedtune.config.flat import from_flat, to_flat  # lazy: flat.py builds on this module
-
         flat = to_flat(self)
         for section, values in sections.items():
             for key, value in values.items():
@@ -206,19 +210,6 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
 _SECTION_TYPES = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
-
-CHOICES = {
-    "model.device": None,  # validated separately (cuda:N)
-    "model.precision": ("auto", "fp32", "bf16"),
-    "data.partition": ("natural", "iid", "dirichlet"),
-    "privacy.accountant": ("rdp", "prv"),
-    "privacy.unit": ("record", "user"),
-    "client_dp.accountant": ("rdp", "prv"),
-    "federation.mode": ("federated", "centralized", "local"),
-    "federation.aggregation": ("fedavg", "ffa", "fedsa"),
-    "federation.server_optimizer": ("none", "avgm", "adam", "yogi"),
-    "personalize.method": ("none", "finetune", "fedsa", "ditto"),
-}
 
 
 def _field_types() -> dict[str, type]:
@@ -230,3 +221,63 @@ def _field_types() -> dict[str, type]:
 
 
 FIELD_TYPES = _field_types()
+
+
+def to_flat(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every key (Flower's run-config shape)."""
+    out = {}
+    for sec_name in SECTIONS:
+        section = getattr(cfg, sec_name)
+        for f in fields(section):
+            out[f"{sec_name}.{f.name}"] = getattr(section, f.name)
+    return out
+
+
+def _coerce(key: str, value: Any) -> Any:
+    want = FIELD_TYPES[key]
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise FedtuneError(f"config key {key} must be true or false (got {value!r})")
+    if want is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise FedtuneError(f"config key {key} must be a whole number (got {value!r})")
+    if want is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.lower() in ("inf", "infinity"):
+            return math.inf
+        raise FedtuneError(f"config key {key} must be a number (got {value!r})")
+    if want is str:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # e.g. target_modules = ["q_proj", "v_proj"]
+        if isinstance(value, str):
+            return value
+        raise FedtuneError(f"config key {key} must be a string (got {value!r})")
+    raise AssertionError(f"unhandled type for {key}")
+
+
+def unknown_key(key: str) -> FedtuneError:
+    close = difflib.get_close_matches(key, FIELD_TYPES, n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "see simulations/default.toml for all keys"
+    return FedtuneError(f"unknown config key '{key}' ({hint})")
+
+
+def from_flat(flat: Mapping[str, Any], *, ignore_unknown: bool = False) -> Config:
+    """Build and validate a Config from ``{"section.key": value}``."""
+    values: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in flat.items():
+        if key not in FIELD_TYPES:
+            if ignore_unknown:
+                continue
+            raise unknown_key(key)
+        section, name = key.split(".", 1)
+        values[section][name] = _coerce(key, value)
+    cfg = Config(**{s: _SECTION_TYPES[s](**v) for s, v in values.items()})
+    validate(cfg)
+    return cfg

@@ -5,10 +5,26 @@ FedtuneError (one line naming the key and the fix) on the first broken rule.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from fedtune.aggregation import METHODS
-from fedtune.config.schema import CHOICES, Config
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.config.schema import Config
+
+CHOICES = {
+    "model.device": None,  # validated separately (cuda:N)
+    "model.precision": ("auto", "fp32", "bf16"),
+    "data.partition": ("natural", "iid", "dirichlet"),
+    "privacy.accountant": ("rdp", "prv"),
+    "privacy.unit": ("record", "user"),
+    "client_dp.accountant": ("rdp", "prv"),
+    "federation.mode": ("federated", "centralized", "local"),
+    "federation.aggregation": ("fedavg", "ffa", "fedsa"),
+    "federation.server_optimizer": ("none", "avgm", "adam", "yogi"),
+    "personalize.method": ("none", "finetune", "fedsa", "ditto"),
+}
 
 
 def _check(ok: bool, message: str) -> None:

@@ -15,6 +15,7 @@ import os
 import re
 from pathlib import Path
 
+from fedtune.deploy.settings import load_client
 from fedtune.errors import FedtuneError
 
 APPS_ENV = "FEDTUNE_APPROVED_APPS"  # comma-separated hashes, set by `fedtune client start`
@@ -38,8 +39,6 @@ def check_fab(content: bytes, approved: list[str], who: str) -> None:
 
 def approve(config_path: str | Path, app: str) -> str:
     """Add ``app`` (a hash, or an app folder to hash) to client.toml's ``apps``; the hash."""
-    from fedtune.deploy.settings import load_client
-
     digest = app if HASH.match(app) else app_hash(app) if Path(app).is_dir() else ""
     if not digest:
         raise FedtuneError(f"{app} is neither an app hash (64 hex digits, as `fedtune run` prints it) nor an app folder")

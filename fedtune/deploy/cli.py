@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import sys
 
+from fedtune.config import parse_assignment
+from fedtune.deploy import budget_report
+from fedtune.deploy.approved import approve
+from fedtune.driver import app_dir
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("certs", help="make a CA and the server's TLS certificate",
@@ -56,7 +61,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_certs(args) -> int:
-    from fedtune.certs import make_certs
+    from fedtune.certs import make_certs  # lazy: cryptography
 
     paths = make_certs(args.out, args.host, overwrite=args.overwrite)
     print(f"CA: {paths['ca.crt']} (give it to every client) and {paths['ca.key']} (keep it offline)")
@@ -65,7 +70,7 @@ def cmd_certs(args) -> int:
 
 
 def cmd_keys(args) -> int:
-    from fedtune.certs import make_client_key
+    from fedtune.certs import make_client_key  # lazy: cryptography
 
     for name in args.names:
         private, public = make_client_key(args.out, name, overwrite=args.overwrite)
@@ -74,7 +79,7 @@ def cmd_keys(args) -> int:
 
 
 def cmd_server(args) -> int:
-    from fedtune.deploy import launch
+    from fedtune.deploy import launch  # lazy: torch, flwr (through the server's resume check)
 
     if args.action == "register":
         launch.register_key(args.config, args.public_key)
@@ -84,20 +89,16 @@ def cmd_server(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from fedtune.deploy import launch
+    from fedtune.deploy import launch  # lazy: torch, flwr (through the server's resume check)
 
     if args.action == "approve":
-        from fedtune.deploy.approved import approve
-        from fedtune.driver import app_dir
-
         print(f"approved app sha256 {approve(args.config, args.app or str(app_dir()))} in {args.config}")
         return 0
     return launch.start_client(args.config, args.insecure)
 
 
 def cmd_run(args) -> int:
-    from fedtune.config import parse_assignment
-    from fedtune.deploy import launch
+    from fedtune.deploy import launch  # lazy: torch, flwr (through the server's resume check)
 
     overrides = dict(parse_assignment(item) for item in args.set)
     run_dir = launch.run(args.config, args.insecure, resume=args.resume, overrides=overrides)
@@ -108,9 +109,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_budget(args) -> int:
-    from fedtune.deploy.budget_report import cmd_budget as run
-
-    return run(args)
+    return budget_report.cmd_budget(args)
 
 
 COMMANDS = {"budget": cmd_budget, "certs": cmd_certs, "keys": cmd_keys, "server": cmd_server, "client": cmd_client, "run": cmd_run}

@@ -18,14 +18,17 @@ from pathlib import Path
 
 from fedtune import certs
 from fedtune import config as config_mod
+from fedtune.data import load_records
 from fedtune.deploy import approved
 from fedtune.deploy.control import Control
+from fedtune.deploy.lifetime import open_lifetime
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
 from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
 from fedtune.driver import RunFailed, app_dir, flower_env, stop_tree, tool
 from fedtune.errors import FedtuneError
 from fedtune.server.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
+from fedtune.user_data import user_ids
 
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
@@ -135,8 +138,6 @@ def register_key(path: str, public_key: str) -> None:
 
 # ---- a client -------------------------------------------------------------------------
 def check_client(s: ClientSettings, insecure: bool) -> None:
-    from fedtune.data import load_records
-
     if not insecure:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
@@ -149,12 +150,8 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     finally:
         quiet.setLevel(level)
     if s.user_field:  # every record names its person before any run can ask for a round
-        from fedtune.user_data import user_ids
-
         user_ids(records, s.user_field, f"data file {s.data}", "client.user_field")
     check_port("127.0.0.1", s.port, "the client's local ClientApp")
-    from fedtune.deploy.lifetime import open_lifetime
-
     # The data set's lifetime ledger: a damaged one, or this file under another data set's name, stops us here.
     open_lifetime(s.state, s.dataset or s.name, s.data, s.budget, s.policy)
 

@@ -25,6 +25,7 @@ from fedtune import __version__
 from fedtune import config as config_mod
 from fedtune.deploy.policy import Policy
 from fedtune.errors import FedtuneError
+from fedtune.privacy.user_level import operator_unit
 from fedtune.runfolder import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ def local_config(cfg: config_mod.Config, node: LocalNode) -> config_mod.Config:
     reason = node.policy.model_violation(cfg.model.name)
     if reason:  # before any model is loaded: the worker holds only models its operator accepts
         raise FedtuneError(f"{node.name} refused the run: policy: {reason}")
-    from fedtune.privacy.user_level import operator_unit
-
     # Whether per-client losses leave is the operator's choice (policy.reveal_losses), never the server's.
     return cfg.replace(privacy={"budget": node.budget, "reveal_losses": node.policy.reveal_losses,
                                 **operator_unit(cfg, node)},
@@ -104,7 +103,7 @@ def data_config(cfg: config_mod.Config, data_file: str) -> config_mod.Config:
 def local_examples(cfg: config_mod.Config, node: LocalNode, model_path: str,
                    tokenizer: Callable[[], Any]) -> tuple[TokenizedData, TokenizedData, int]:
     """(train, held-out, padding id) of the local data file, from the cache when it matches."""
-    from fedtune.data import client_examples
+    from fedtune.data import client_examples  # lazy: torch
 
     dcfg = data_config(cfg, node.data_file)
     key = _examples_key(dcfg, model_path)
@@ -165,7 +164,7 @@ def _load_examples(path: Path, key: str) -> tuple[TokenizedData, TokenizedData, 
     import numpy as np
     import torch
 
-    from fedtune.data import TokenizedData
+    from fedtune.data import TokenizedData  # lazy: torch
 
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -26,7 +26,11 @@ from typing import Callable
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from fedtune.client import handle_evaluate, handle_train
+from fedtune.deploy import approved
+from fedtune.deploy.supervisor import check_paths
 from fedtune.errors import FedtuneError
+from fedtune.secagg.flower import STAGE
 
 log = logging.getLogger("fedtune.worker")
 POLL_S = 0.05  # seconds between asks for a task when idle (a local HTTP call)
@@ -42,16 +46,12 @@ def check_app(run, fab) -> None:
     the environment (fedtune.deploy.approved). The worker never runs the FAB's code either way."""
     import os
 
-    from fedtune.deploy import approved
-
     allowed = [h for h in os.environ.get(approved.APPS_ENV, "").split(",") if h]
     approved.check_fab(fab.content, allowed, os.environ.get(approved.NAME_ENV, "?"))
 
 
 def fedtune_app() -> ClientApp:
     """fedtune's ClientApp, from this installation (the same handlers as simulation)."""
-    from fedtune.client import handle_evaluate, handle_train
-
     app = ClientApp()
     app.train()(handle_train)
     app.evaluate()(handle_evaluate)
@@ -98,8 +98,6 @@ def _heartbeat(client) -> Callable[[], bool]:
 
 def kind(message: Message) -> str:
     """evaluate, train, or the SecAgg+ stage a train message names."""
-    from fedtune.secagg.flower import STAGE
-
     config = message.content.config_records.get("config", {})
     return str(config[STAGE]) if STAGE in config else message.metadata.message_type
 
@@ -209,8 +207,8 @@ def warm_up() -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    import fedtune.model  # noqa: F401
-    import fedtune.train  # noqa: F401
+    import fedtune.model  # noqa: F401  # lazy: torch, loaded here on purpose (the warm-up)
+    import fedtune.train  # noqa: F401  # lazy: torch, loaded here on purpose (the warm-up)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="the client's data file (client.data)")
     ap.add_argument("--model-cache", default="", help="the client's model cache (client.model_cache)")
     args = ap.parse_args(argv)
-    from fedtune.deploy.supervisor import check_paths
-
     try:
         check_paths(args.data, args.model_cache)
     except FedtuneError as exc:

@@ -19,6 +19,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import epsilon_independent
 from fedtune.privacy.distributed import DDGPlan
 from fedtune.privacy.ledger import Ledger
+from fedtune.privacy.user_level import check_user_plan
 from fedtune.runfolder import (
     RUN_FILE, atomic_write_bytes, atomic_write_text, is_run_dir, read_jsonl, server_ledger_path, write_json,
 )
@@ -78,8 +79,6 @@ def _verify(name: str, ledger: Ledger, entries: list[dict], heads: dict[tuple[st
             problems.append(f"{ledger.path}:{plan_line}: σ={plan['noise_multiplier']:.4g} gives ε={eps_planned:.4f} "
                             f"over the planned {plan['planned_rounds']} rounds, above the target {plan['target_epsilon']:g}")
     if plan.get("privacy_unit") == "user":
-        from fedtune.privacy.user_level import check_user_plan
-
         problems += [f"{ledger.path}:{plan_line}: {p}" for p in check_user_plan(plan)]
     ddg = DDGPlan.from_dict(plan["ddg"]) if plan.get("ddg") else None
     history = []
@@ -157,7 +156,7 @@ def run_audit(run_dir: str | Path, verify: bool = False, empirical: bool = False
     result = {"run_dir": str(run_dir), "rows": rows, "refusals": refusals, "verified": verify, "problems": problems,
               "revealed": revealed.in_the_clear(metrics)}
     if empirical:
-        from fedtune.privacy.empirical import run_empirical
+        from fedtune.privacy.empirical import run_empirical  # lazy: torch, only for --empirical
 
         records = [r for r in rows if r["level"] in ("record", "user")]
         eps = max((r["epsilon"] if r["dp"] else math.inf) for r in records) if records else math.inf
@@ -204,37 +203,47 @@ def render(result: dict) -> str:
         lines.append("")
     if any(r["seeded"] for r in result["rows"]):
         lines += ["> **privacy.seed was set**: the DP randomness was reproducible, so these ε do not hold.", ""]
-    emp = result.get("empirical")
-    if emp:
-        lines += ["## Empirical check", ""]
-        if "one_run" in emp:
-            o = emp["one_run"]
-            lines += [
-                f"One-run audit (Steinke, Nasr, Jagielski 2023): {o['canaries']} canaries, {o['included']} planted by coin "
-                f"flip; scored by how much training lowered their loss (AUROC {o['auroc']:.3f}).", "",
-                f"- empirical lower bound **ε̂ = {o['epsilon_lower_bound']:.3f}** (95% confidence, δ = {emp['delta']:g})",
-                f"- accountant's upper bound **ε = {_fmt(emp['accountant_epsilon'])}**", "",
-                "ε̂ ≤ ε is expected: ε̂ is what this attack could prove, ε what the accountant guarantees; "
-                "ε̂ > ε would be a violation and would mean a bug in fedtune's DP. "
-                + ("**Here ε̂ > ε: a violation. Report it: this is a bug.**" if o["violation"]
-                   else "Here ε̂ ≤ ε: no violation."), ""]
-        if emp.get("secrets"):
-            lines += ["Secret Sharer (Carlini et al. 2019): exposure of planted secrets (about 1 bit = not memorized; "
-                      "the maximum = recited).", "", "| secret | client | copies | rank | exposure (bits) | max |",
-                      "|---|---|---|---|---|---|"]
-            for sec in emp["secrets"]:
-                lines.append(f"| {sec['id']} | client-{sec['client']} | {sec['repeats']} | {sec['rank']} / {sec['candidates']} "
-                             f"| {sec['exposure_bits']:.2f} | {sec['max_exposure_bits']:.2f} |")
-            lines.append("")
-    if result["verified"]:
-        if result["problems"]:
-            lines += ["## Verification FAILED", ""] + [f"- `{p}`" for p in result["problems"]]
-        else:
-            lines += ["## Verification passed", "",
-                      "Every recorded ε was recomputed from its σ, q and steps by Google's dp-accounting; every plan's σ "
-                      "keeps its planned rounds within the target; the hash chains are intact and match the ledger heads "
-                      "the server recorded; every update the server received (server/receipts.jsonl) has its spend."]
+    lines += _empirical_md(result.get("empirical")) + _verification_md(result)
     return "\n".join(lines) + "\n"
+
+
+def _empirical_md(emp: dict | None) -> list[str]:
+    """The empirical check's section: the one-run audit and the planted secrets' exposure."""
+    if not emp:
+        return []
+    lines = ["## Empirical check", ""]
+    if "one_run" in emp:
+        o = emp["one_run"]
+        lines += [
+            f"One-run audit (Steinke, Nasr, Jagielski 2023): {o['canaries']} canaries, {o['included']} planted by coin "
+            f"flip; scored by how much training lowered their loss (AUROC {o['auroc']:.3f}).", "",
+            f"- empirical lower bound **ε̂ = {o['epsilon_lower_bound']:.3f}** (95% confidence, δ = {emp['delta']:g})",
+            f"- accountant's upper bound **ε = {_fmt(emp['accountant_epsilon'])}**", "",
+            "ε̂ ≤ ε is expected: ε̂ is what this attack could prove, ε what the accountant guarantees; "
+            "ε̂ > ε would be a violation and would mean a bug in fedtune's DP. "
+            + ("**Here ε̂ > ε: a violation. Report it: this is a bug.**" if o["violation"]
+               else "Here ε̂ ≤ ε: no violation."), ""]
+    if emp.get("secrets"):
+        lines += ["Secret Sharer (Carlini et al. 2019): exposure of planted secrets (about 1 bit = not memorized; "
+                  "the maximum = recited).", "", "| secret | client | copies | rank | exposure (bits) | max |",
+                  "|---|---|---|---|---|---|"]
+        for sec in emp["secrets"]:
+            lines.append(f"| {sec['id']} | client-{sec['client']} | {sec['repeats']} | {sec['rank']} / {sec['candidates']} "
+                         f"| {sec['exposure_bits']:.2f} | {sec['max_exposure_bits']:.2f} |")
+        lines.append("")
+    return lines
+
+
+def _verification_md(result: dict) -> list[str]:
+    """The section of `audit --verify`: passed, or each problem found."""
+    if not result["verified"]:
+        return []
+    if result["problems"]:
+        return ["## Verification FAILED", ""] + [f"- `{p}`" for p in result["problems"]]
+    return ["## Verification passed", "",
+            "Every recorded ε was recomputed from its σ, q and steps by Google's dp-accounting; every plan's σ "
+            "keeps its planned rounds within the target; the hash chains are intact and match the ledger heads "
+            "the server recorded; every update the server received (server/receipts.jsonl) has its spend."]
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import calibrate_noise, epsilon
+from fedtune.privacy.defaults import resolve
 
 
 def steps_per_round(cfg, dataset_size: int) -> int:
@@ -54,8 +56,6 @@ class Plan:
 def make_plan(cfg, dataset_size: int) -> Plan:
     """``dataset_size``: the client's records, or its people under the user unit (user_level.dataset_units).
     Automatic train settings (0) are made concrete first (fedtune.privacy.defaults)."""
-    from fedtune.privacy.defaults import resolve
-
     cfg = resolve(cfg, dataset_size)[0]
     p = cfg.privacy
     q = min(1.0, cfg.train.batch_size / dataset_size)
@@ -78,8 +78,6 @@ def make_plan(cfg, dataset_size: int) -> Plan:
 
 def check_affordable(plan: Plan, who: str, setting: str) -> None:
     """FedtuneError if the budget cannot pay for one step, or for one round, of ``plan``."""
-    from fedtune.errors import FedtuneError
-
     if not plan.dp:
         return
     one_step = epsilon([(plan.noise_multiplier, plan.sample_rate, 1)], plan.delta, plan.accountant)

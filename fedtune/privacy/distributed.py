@@ -35,6 +35,7 @@ import numpy as np
 
 from fedtune.errors import FedtuneError
 from fedtune.prg import expand
+from fedtune.privacy.client_level import make_server_plan
 
 UNIT = ("one client (all of its data): neighbouring federations differ in one client's update, present or "
         "replaced by nothing")
@@ -122,8 +123,6 @@ def make_ddg_plan(noise_multiplier: float, clip_norm: float, bits: int, dim: int
 def plan_for(cfg, dim: int, noise_multiplier: float | None = None) -> DDGPlan:
     """The run's DDG parameters for updates of ``dim`` values. The client derives them from its own
     config (and refuses a server that asks for others); the server passes its ledger's σ."""
-    from fedtune.privacy.client_level import make_server_plan
-
     z = make_server_plan(cfg).noise_multiplier if noise_multiplier is None else noise_multiplier
     n, c = cfg.num_clients, cfg.client_dp
     return make_ddg_plan(z, c.clip_norm, cfg.secagg.bits, dim, c.min_clients or n, n, c.sample_rate * n)
@@ -173,7 +172,7 @@ def conditional_round(x: np.ndarray, bound: float, uniform: Uniform) -> np.ndarr
     raise FedtuneError("distributed DP: randomized rounding kept exceeding its norm bound (a bug)")
 
 
-def privatize(update: np.ndarray, plan: DDGPlan, uniform: Uniform | None = None) -> np.ndarray:
+def add_ddg_noise(update: np.ndarray, plan: DDGPlan, uniform: Uniform | None = None) -> np.ndarray:
     """The client's integer vector: clip to C, scale by 1/γ, round, add its discrete Gaussian noise."""
     uniform = uniform or Uniform()
     x = np.asarray(update, dtype=np.float64).reshape(-1)

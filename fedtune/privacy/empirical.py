@@ -24,13 +24,18 @@ import string
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedtune import config
+from fedtune.data import TokenizedData, collate
 from fedtune.errors import FedtuneError
+from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_precision
+from fedtune.runfolder import read_json
+from fedtune.train import forward_logits, per_sequence_loss
 
 PLANT_FILE = Path("audit") / "planted.json"
 SIGNIFICANCE = 0.05  # ε̂ holds with 95% confidence
@@ -102,9 +107,6 @@ def epsilon_lower_bound(in_scores, out_scores, delta: float) -> dict:
 @torch.no_grad()
 def sequence_losses(model, tokenizer, texts: list[str], device, amp_dtype, batch_size: int = 16) -> np.ndarray:
     """Mean next-token loss of each text (as trained: no special tokens, eos appended)."""
-    from fedtune.data import TokenizedData, collate
-    from fedtune.train import forward_logits, per_sequence_loss
-
     eos = tokenizer.eos_token_id
     data = TokenizedData([torch.tensor(tokenizer(t, add_special_tokens=False)["input_ids"] + [eos]) for t in texts],
                          [0] * len(texts))
@@ -156,13 +158,40 @@ def _adapters(run_dir: Path, mode: str, clients: int) -> dict[int, Path]:
     return {i: run_dir / "adapters" / "global" for i in range(max(clients, 1))}
 
 
-def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dict:
-    """Score the planted canaries and secrets with the run's final adapter(s)."""
+def _load_adapters(model_path: str, adapters: dict[int, Path], device) -> tuple[Any, dict[Path, str]]:
+    """The base model with each distinct adapter loaded under its own name (eval mode), and those names."""
     from peft import PeftModel
 
-    from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_precision
-    from fedtune.runfolder import read_json
+    model = None
+    loaded: dict[Path, str] = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations peft triggers
+        for index, adapter in sorted(adapters.items()):
+            if adapter in loaded:
+                continue
+            name = f"a{len(loaded)}"
+            if model is None:
+                model = PeftModel.from_pretrained(load_base_model(model_path, device), str(adapter), adapter_name=name)
+            else:
+                model.load_adapter(str(adapter), adapter_name=name)
+            loaded[adapter] = name
+    model.eval()
+    return model, loaded
 
+
+def _one_run(canaries: list[dict], scores: list[float], delta: float, accountant_epsilon: float) -> dict:
+    """The one-run audit from the canaries' scores: ε̂ and whether it exceeds the accountant's ε."""
+    inside = [s for s, c in zip(scores, canaries) if c["included"]]
+    outside = [s for s, c in zip(scores, canaries) if not c["included"]]
+    if not inside or not outside:
+        raise FedtuneError("every canary landed on one side of the coin; plant more canaries (audit.canaries)")
+    out = {"canaries": len(canaries), "included": len(inside), **epsilon_lower_bound(inside, outside, delta)}
+    out["violation"] = out["epsilon_lower_bound"] > accountant_epsilon
+    return out
+
+
+def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dict:
+    """Score the planted canaries and secrets with the run's final adapter(s)."""
     path = run_dir / PLANT_FILE
     if not path.is_file():
         raise FedtuneError(f"{run_dir} has no planted records ({PLANT_FILE}); rerun the simulation with "
@@ -178,20 +207,7 @@ def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dic
     device = resolve_device("auto")
     amp = resolve_precision(cfg.model.precision, device)
     tokenizer = load_tokenizer(model_path)
-    model = None
-    loaded: dict[Path, str] = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations peft triggers
-        for index, adapter in sorted(adapters.items()):
-            if adapter in loaded:
-                continue
-            name = f"a{len(loaded)}"
-            if model is None:
-                model = PeftModel.from_pretrained(load_base_model(model_path, device), str(adapter), adapter_name=name)
-            else:
-                model.load_adapter(str(adapter), adapter_name=name)
-            loaded[adapter] = name
-    model.eval()
+    model, loaded = _load_adapters(model_path, adapters, device)
 
     def scored(items: list[dict], fn):
         """Apply ``fn`` to the items of each adapter, with that adapter active."""
@@ -213,14 +229,7 @@ def run_empirical(run_dir: Path, accountant_epsilon: float, delta: float) -> dic
                 base = sequence_losses(model, tokenizer, texts, device, amp)
             return list(base - tuned)  # how much training lowered each canary's loss
 
-        scores = scored(canaries, loss_drop)
-        inside = [s for s, c in zip(scores, canaries) if c["included"]]
-        outside = [s for s, c in zip(scores, canaries) if not c["included"]]
-        if not inside or not outside:
-            raise FedtuneError("every canary landed on one side of the coin; plant more canaries (audit.canaries)")
-        result["one_run"] = {"canaries": len(canaries), "included": len(inside),
-                             **epsilon_lower_bound(inside, outside, delta)}
-        result["one_run"]["violation"] = result["one_run"]["epsilon_lower_bound"] > accountant_epsilon
+        result["one_run"] = _one_run(canaries, scored(canaries, loss_drop), delta, accountant_epsilon)
     if planted["secrets"]:
         def exposures(items):
             return [secret_exposure(model, tokenizer, s["prefix"], s["digits"], device, amp) for s in items]

@@ -4,8 +4,8 @@
     reply = client.advertise_keys()                # {"pk_enc": bytes, "pk_mask": bytes}
     reply = client.share_keys(msg)                 # msg {"pk_enc": {j: bytes}, "pk_mask": {j: bytes}}
                                                    # -> {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-    reply = client.collect(msg, vector, real)      # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
-                                                   # -> {"masked": bytes (m bits per value), "real": 0 | 1}
+    client.receive_shares(msg)                     # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
+    reply = client.masked_input(vector, real)      # -> {"masked": bytes (m bits per value), "real": 0 | 1}
     reply = client.consistency(msg)                # malicious-server mode only (a roster in the setup):
                                                    # msg {"survivors": [j], "real": [j], "declarations": {j: sig}}
                                                    # -> {"sig": the survivor set, signed}
@@ -155,11 +155,6 @@ class SecAggClient:
         return {"ciphertexts": ciphertexts, "commitments": commitments}
 
     # -- collect ----------------------------------------------------------------------
-    def collect(self, msg: dict[str, Any], vector: np.ndarray, real: bool = True) -> dict[str, Any]:
-        """receive_shares(msg), then masked_input(vector, real)."""
-        self.receive_shares(msg)
-        return self.masked_input(vector, real)
-
     def receive_shares(self, msg: dict[str, Any]) -> None:
         self._enter(Stage.COLLECT)
         if self._held:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedtune.errors import FedtuneError
-from fedtune.privacy.distributed import DDGPlan, Uniform, privatize
+from fedtune.privacy.distributed import DDGPlan, Uniform, add_ddg_noise
 from fedtune.secagg.crypto import expand
 
 MAX_BITS = 48  # precision per value: float64 holds the scaled value and a 32-bit rounding fraction
@@ -235,7 +235,7 @@ class DistributedGaussian:
 
     def encode(self, update: np.ndarray, weight: float, seed: bytes | None = None) -> np.ndarray:
         """``weight`` is not sent: every client counts once (a refusing client sends a zero update)."""
-        ints = privatize(update, self.plan, Uniform(seed) if seed else None)
+        ints = add_ddg_noise(update, self.plan, Uniform(seed) if seed else None)
         return (ints & np.int64((1 << self.field_bits) - 1)).astype(field_dtype(self.field_bits))
 
     def decode(self, total: np.ndarray, count: int) -> tuple[np.ndarray, float]:

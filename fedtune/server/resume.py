@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from fedtune import config as config_mod
 from fedtune.errors import FedtuneError
+from fedtune.model import check_adapter_state
 from fedtune.runfolder import (
     RUN_FILE, adapter_dir, append_jsonl, atomic_write_bytes, is_run_dir, read_json,
 )
@@ -123,8 +124,6 @@ def check(run_dir: str | Path, cfg: config_mod.Config) -> int:
 def load_global(run_dir: Path, label: str, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The global adapter saved in ``adapters/<label>``, checked against the model's LoRA."""
     from safetensors.torch import load_file
-
-    from fedtune.model import check_adapter_state
 
     path = adapter_dir(run_dir, label) / ADAPTER_FILE
     state = load_file(str(path))
