@@ -7,8 +7,10 @@
     client.receive_shares(msg)                     # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
     reply = client.masked_input(vector, real)      # -> {"masked": bytes (m bits per value), "real": 0 | 1}
     reply = client.consistency(msg)                # malicious-server mode only (a roster in the setup):
-                                                   # msg {"survivors": [j], "real": [j], "declarations": {j: sig}}
-                                                   # -> {"sig": the survivor set, signed}
+                                                   # msg {"survivors": [j], "real": [j], "resent": [j],
+                                                   #      "declarations": {j: sig}, "bound": {j: bytes}}
+                                                   # (declarations: its own and its surviving neighbours')
+                                                   # -> {"sig": (survivors, real, resent), signed}
     reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j], "signatures": {j: sig}}
                                                    # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
 
@@ -19,9 +21,11 @@ and ever revealing both shares of one neighbour. Any error leaves it aborted.
 
 With a roster (malicious-server mode) the client also signs, with its identity key, the keys
 it advertises, whether its input is real and the survivor set it is told; it refuses keys
-its neighbours did not sign, a survivor set with fewer than min_inputs signed real inputs,
-and reveals shares only after a quorum of survivors signed the very set it was told and the
-server's request matches that set. Every refusal names the stage and the party.
+its neighbours did not sign, a survivor set with fewer than min_inputs real inputs or with
+a surviving neighbour whose signed declaration disagrees, and reveals shares only after a
+quorum of survivors signed the very statement it signed, it masked with every surviving
+neighbour (at least t of them) and the server's request matches that set. Every refusal
+names the stage and the party (the argument: docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ class SecAggClient:
             raise SecAggError(f"client {self.id}: not among the round's clients")
         self._identity = identity_key
         self._check_identity()
-        self._survivors: list[int] = []  # the survivor set this client signed (malicious-server mode)
+        self._statement: tuple[list[int], ...] = ([], [], [])  # (survivors, real, resent) it signed
         self.input_set = b""  # identity.input_set of that set, with who is real
         self.stage = Stage.ADVERTISE
         self._enc = crypto.KeyPair.generate()
@@ -226,19 +230,23 @@ class SecAggClient:
 
     # -- consistency (malicious-server mode) --------------------------------------------
     def consistency(self, msg: dict[str, Any]) -> dict[str, bytes]:
-        """Sign the survivor set the server names, once it shows each survivor's signed
-        declaration and at least min_inputs of them are real inputs."""
+        """Sign the statement (survivors, real inputs, resends) the server names, once it shows
+        the signed declarations of this client and of its surviving neighbours (the inputs whose
+        self-mask shares it may reveal) and at least min_inputs of the survivors are real inputs."""
         self._enter(Stage.CONSISTENCY)
         me, p = self.id, self.setup.params
         msg = as_message(msg, me)
         survivors = sorted(set(id_list(msg.get("survivors", []), "survivors", me)))
         real = set(id_list(msg.get("real", []), "real", me))
+        resent = set(id_list(msg.get("resent", []), "resent", me))
         decl = id_map(msg.get("declarations", {}), "declarations", me)
         bound = id_map(msg.get("bound", {}), "bound", me)
-        if me not in survivors or not set(survivors) <= set(self.setup.client_ids) or not real <= set(survivors):
+        if me not in survivors or not set(survivors) <= set(self.setup.client_ids) or not resent <= real or \
+                not real <= set(survivors):
             raise self._fail(SecAggError(f"client {me}: stage 'consistency': the server's survivor set is not one "
                                          "of this round's (it omits this client or names strangers); refusing"))
-        for j in survivors:
+        checked = sorted((self.neighbours & set(survivors)) | {me})
+        for j in checked:
             if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real), bound.get(j, b"")):
                 raise self._fail(SecAggError(f"client {me}: stage 'consistency': client {j}'s declaration of its "
                                              "input is missing or not signed by its identity key; refusing"))
@@ -246,17 +254,19 @@ class SecAggClient:
             raise self._fail(SecAggAborted(f"client {me}: stage 'consistency': only {len(real)} real inputs in the "
                                            f"sum, min_inputs={p.min_inputs}; revealing nothing"))
         self.input_set = identity.input_set(dict(self.setup.roster), survivors, real)
-        self._check_bound(bound, real)
-        self._survivors = survivors
+        self._check_bound(bound, real, resent, checked)
+        self._statement = (survivors, sorted(real), sorted(resent))
         self.stage = Stage.UNMASK
-        return {"sig": self._sign(identity.SURVIVORS, survivors)}
+        return {"sig": self._sign(identity.SURVIVORS, *self._statement)}
 
-    def _check_bound(self, bound: dict[int, Any], real: set[int]) -> None:
-        """One release, one sum: if any real input is a resend bound to the set of its first sum,
-        this set must be that set and every real input a resend bound to it (the same sum again)."""
-        if not any(bound.get(j) for j in real):
-            return
-        off = sorted(j for j in real if bound.get(j) != self.input_set)
+    def _check_bound(self, bound: dict[int, Any], real: set[int], resent: set[int], checked: list[int]) -> None:
+        """One release, one sum: the statement names the resends; if there is one, every real input
+        is a resend bound to this very input set (the same sum again). This client checks that
+        claim for itself and its surviving neighbours (their declarations: resent or not, to which
+        set); each survivor's neighbours do the same for it before revealing its self-mask shares."""
+        off = sorted(resent ^ real) if resent else []
+        off += [j for j in checked if j in real and ((j in resent) != bool(bound.get(j)) or
+                                                     (j in resent and bound[j] != self.input_set))]
         if off:
             raise self._fail(SecAggError(
                 f"client {self.id}: stage 'consistency': client {off[0]}'s input is not a resend bound to this very "
@@ -264,19 +274,29 @@ class SecAggClient:
                 "sum would reveal a difference of updates); revealing nothing"))
 
     def _check_quorum(self, msg: Any, survivors: list[int], dropped: list[int]) -> None:
-        """Malicious-server mode: a quorum signed the set this client signed, and the request
-        names exactly its share-holding neighbours inside / outside that set."""
-        me, signed = self.id, self._survivors
+        """Malicious-server mode, before revealing: a quorum of survivors signed the statement this
+        client signed (so every revealing honest client holds the same one); this client masked
+        with every surviving neighbour and has at least t of them (so the only sum its shares can
+        unmask is the whole survivor set's); the request names exactly its share-holding
+        neighbours inside / outside that set."""
+        me, signed = self.id, self._statement[0]
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
         valid = []
         for j in signed:  # a quorum of valid signatures is enough
-            if len(valid) < self.setup.quorum and self._signed_by(j, sigs.get(j), identity.SURVIVORS, signed):
+            if len(valid) < self.setup.quorum and self._signed_by(j, sigs.get(j), identity.SURVIVORS, *self._statement):
                 valid.append(j)
         if len(valid) < self.setup.quorum:
             bad = sorted(set(sigs) - set(valid))
             raise self._fail(SecAggError(
                 f"client {me}: stage 'unmask': only {len(valid)} survivors signed the survivor set this client was "
                 f"told, {self.setup.quorum} needed (server or clients {bad[:5]} disagree); revealing nothing"))
+        near = sorted(self.neighbours & set(signed))
+        unheld = [j for j in near if j not in self._held]
+        if unheld or len(near) < self.setup.threshold:
+            why = (f"surviving neighbour {unheld[0]}'s shares never reached it (it did not mask with it)" if unheld
+                   else f"only {len(near)} of its neighbours survived, t={self.setup.threshold} needed")
+            raise self._fail(SecAggError(f"client {me}: stage 'unmask': {why}, so its shares could unmask a part of "
+                                         "the survivor set; revealing nothing"))
         inside = sorted(j for j in self._held if j in signed)
         outside = sorted(j for j in self._held if j not in signed)
         if sorted(survivors) != inside or sorted(dropped) != outside:
@@ -313,7 +333,7 @@ class SecAggClient:
         state = {
             "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed),
                       "roster": {str(j): hx(k) for j, k in self.setup.roster.items()}},
-            "id": self.id, "survivors": self._survivors,
+            "id": self.id, "statement": self._statement,
             "stage": str(self.stage), "enc": hx(self._enc.private_bytes()), "mask": hx(self._mask.private_bytes()),
             "b": hx(self._b), "enc_keys": {str(j): hx(k) for j, k in self._enc_keys.items()},
             "pk_mask": {str(j): hx(k) for j, k in self._pk_mask.items()},
@@ -330,7 +350,8 @@ class SecAggClient:
             setup = SecAggSetup.from_message({**s["setup"], "graph_seed": un(s["setup"]["graph_seed"]), "roster": roster})
             client = cls.__new__(cls)
             client.setup, client.id, client.stage = setup, int(s["id"]), Stage(s["stage"])
-            client._identity, client._survivors = identity_key, [int(j) for j in s["survivors"]]
+            client._identity = identity_key
+            client._statement = tuple([int(j) for j in part] for part in s["statement"])
             client._check_identity()
             client._enc = crypto.KeyPair.from_private_bytes(un(s["enc"]))
             client._mask = crypto.KeyPair.from_private_bytes(un(s["mask"]))

@@ -8,10 +8,9 @@ checks the thresholds of Bell et al. and, at the end, removes the masks.
     send(server.consistency_requests());    server.receive_consistency(replies)   # with a roster only
     send(server.unmask_requests());         result = server.receive_unmask(replies)
 
-``replies`` is {client id: message} or an iterable of (client id, message) pairs (so
-duplicates can be seen). A reply from an unknown or already dropped client is ignored
-and one that breaks the protocol rejects its sender; both are recorded in ``rejected``
-with a message naming the client, and the round goes on while the thresholds hold:
+``replies`` is {client id: message} or (client id, message) pairs (so duplicates show). A
+reply from an unknown or dropped client, or one that breaks the protocol, rejects its sender
+(recorded in ``rejected``, naming it); the round goes on while the thresholds hold:
 
 * every stage keeps at least max(t, 2) clients;
 * the masked inputs include at least min_inputs real ones (a refusing client says it
@@ -20,9 +19,8 @@ with a message naming the client, and the round goes on while the thresholds hol
 * every surviving client's self-mask seed, and the mask key of every dropped client
   whose pairwise masks are in a survivor's input, get t valid shares.
 
-Otherwise the round aborts with SecAggAborted: nothing collected is kept and no partial
-aggregate is returned. Revealed shares are checked against the commitments their owner
-sent in the share stage, so a client that reveals a wrong share is named and ignored.
+Otherwise the round aborts with SecAggAborted: nothing collected is kept, no partial sum
+returned. Revealed shares are checked against their owner's commitments from the share stage.
 """
 
 from __future__ import annotations
@@ -81,6 +79,7 @@ class SecAggServer:
         self._sigs: dict[str, dict[int, bytes]] = {"keys": {}, "decl": {}, "survivors": {}}  # with a roster
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
         self._bound: dict[int, bytes] = {}  # resends: the input set of their first sum
+        self._statement: tuple[list[int], ...] = ()  # (survivors, real, resent) the survivors sign
 
     @property
     def threshold(self) -> int:
@@ -279,21 +278,25 @@ class SecAggServer:
 
     # -- consistency (with a roster) ------------------------------------------------------
     def consistency_requests(self) -> dict[int, dict[str, Any]]:
-        """Every survivor gets the survivor set, which of them are real and their signed declarations."""
+        """Every survivor gets the statement (survivors, which are real, which are resends) and the
+        signed declarations of itself and its surviving neighbours: O(degree), not O(n)."""
         self._expect(Stage.CONSISTENCY)
-        survivors = sorted(self.active)
-        msg = {"survivors": survivors, "real": sorted(self._real & self.active),
-               "declarations": {j: self._sigs["decl"][j] for j in survivors},
-               "bound": {j: self._bound[j] for j in survivors if j in self._bound}}
-        return {cid: msg for cid in survivors}
+        survivors, real = sorted(self.active), sorted(self._real & self.active)
+        resent, requests = sorted(j for j in real if j in self._bound), {}
+        self._statement = (survivors, real, resent)
+        for cid in survivors:
+            checked = sorted((self.setup.neighbours[cid] & self.active) | {cid})
+            requests[cid] = {"survivors": survivors, "real": real, "resent": resent,
+                             "declarations": {j: self._sigs["decl"][j] for j in checked},
+                             "bound": {j: self._bound[j] for j in checked if j in self._bound}}
+        return requests
 
     def receive_consistency(self, replies: Replies) -> None:
-        """Keeps the survivors' signatures on the set; fewer than the quorum aborts the round.
+        """Keeps the survivors' signatures on the statement; fewer than the quorum aborts the round.
         A survivor that does not sign stays in the sum but is not asked for shares."""
         self._expect(Stage.CONSISTENCY)
-        survivors = sorted(self.active)
-        for cid, msg in self._replies(replies).items():
-            self._signed(cid, "survivors", msg.get("sig"), identity.SURVIVORS, survivors)
+        for cid, msg in self._replies(replies).items():  # (before consistency_requests: no statement, none valid)
+            self._signed(cid, "survivors", msg.get("sig"), identity.SURVIVORS, *self._statement)
         signed = len(self._sigs["survivors"])
         if signed < self.setup.quorum:
             raise self._abort(f"only {signed} survivors signed the survivor set, {self.setup.quorum} needed")
@@ -357,12 +360,9 @@ class SecAggServer:
             private = crypto.private_from_bytes(raw)
             if crypto.public_bytes(private) != self._pk_mask[j]:
                 raise self._abort(f"the mask key rebuilt for client {j} does not match its public key")
-            for i in neighbours:  # undo the mask i added for j
+            for i in neighbours:  # undo the mask i added for j (i added it with sign(i, j))
                 mask = pair_mask(self.setup, j, private, i, self._pk_mask[i])
-                if sign(i, j) > 0:
-                    total -= mask
-                else:
-                    total += mask
+                total = total - mask if sign(i, j) > 0 else total + mask
         total &= field_mask(self.setup)
         self._masked.clear()
         self.stage = Stage.DONE
@@ -373,10 +373,8 @@ class SecAggServer:
         """[((owner, kind), (index, share))] from one reply, every share matching its commitment."""
         b_shares = id_map(msg.get("b_shares"), "b_shares", cid)
         sk_shares = id_map(msg.get("sk_shares"), "sk_shares", cid)
-        if cid not in self._asked:
-            raise SecAggError(f"client {cid} revealed shares it was not asked for")
-        survivors, dropped = self._asked[cid]
-        if not b_shares.keys() <= survivors or not sk_shares.keys() <= dropped:
+        survivors, dropped = self._asked.get(cid, (set(), set()))
+        if cid not in self._asked or not b_shares.keys() <= survivors or not sk_shares.keys() <= dropped:
             raise SecAggError(f"client {cid} revealed shares it was not asked for")
         p, out = self.setup.params, []
         for kind, revealed in ((KIND_B, b_shares), (KIND_SK, sk_shares)):

@@ -1,0 +1,130 @@
+"""SecAgg+ against a malicious server that unmasks a *part* of the survivor set, tested as the
+attacker. On a sparse neighbour graph (a ring of degree 8) a server that keeps the shares of
+two clients from the arc between them, and lets the clients beyond the arc drop, can unmask
+the sum of that arc's few inputs alone, while every client signed the same survivor set:
+without the malicious-server checks the attack below recovers the arc's exact sum (so the test
+can fail); with them, every client of the arc refuses to reveal (it did not mask with every
+surviving neighbour, or too few of its neighbours survived) and nothing is recovered. Also:
+a client is shown only its own and its surviving neighbours' declarations, and refuses a
+consistency request that leaves one out or shows another client's in its place."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import numpy as np
+
+from fedtune.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, Stage, crypto, identity
+from fedtune.secagg.protocol import pair_mask, self_mask, sign
+from tests.conftest import secagg_collect
+from tests.test_secagg_malicious import Round
+
+N, M = 22, 24
+
+
+class ArcAttack:
+    """Ring positions 0..21 (the graph's own order): the arc 1..5 is the target, 0 and 6 its edge
+    nodes, 7..10 and 18..21 drop at collect (so the arc has no other surviving neighbours)."""
+
+    def __init__(self, roster: bool):
+        ids = list(range(1, N + 1))
+        keys = {c: identity.generate() for c in ids}
+        self.roster = {c: identity.public_bytes(k) for c, k in keys.items()} if roster else {}
+        self.server = srv = SecAggServer(SecAggParams(field_bits=M, length=16, degree=8), ids, roster=self.roster)
+        self.clients = {c: SecAggClient(c, srv.advertise_request(), keys[c] if roster else None) for c in ids}
+        ring = sorted(ids, key=lambda c: (hmac.new(srv.setup.graph_seed, c.to_bytes(8, "big"), hashlib.sha256).digest(), c))
+        assert all(srv.setup.neighbours[ring[p]] == {ring[(p + d) % N] for d in (-4, -3, -2, -1, 1, 2, 3, 4)}
+                   for p in range(N))  # the ring of degree 8 the docs describe
+        self.arc, self.edge = ring[1:6], {ring[0], ring[6], ring[11], ring[17]}
+        self.gone = set(ring[7:11] + ring[18:22])
+        rng = np.random.default_rng(3)
+        self.inputs = {c: rng.integers(0, 1 << 16, 16).astype(np.uint32) for c in ids}
+        self.errors: dict[int, str] = {}
+
+    def ask(self, c: int, method: str, msg) -> dict | None:
+        try:
+            return getattr(self.clients[c], method)(msg)
+        except SecAggError as e:
+            self.errors[c] = str(e)
+            return None
+
+    def run(self) -> dict[int, dict]:
+        """The lying server's round; what each client revealed."""
+        srv, cl = self.server, self.clients
+        srv.receive_advertise({c: cl[c].advertise_keys() for c in cl})
+        srv.receive_share({c: cl[c].share_keys(m) for c, m in srv.share_requests().items()})
+        requests = srv.collect_requests()
+        for h in self.arc:  # the lie: the edge nodes' shares never reach the arc, so it does not mask with them
+            for o in self.edge:
+                requests[h]["ciphertexts"].pop(o, None)
+                requests[h]["commitments"].pop(o, None)
+            srv._forwarded[h] -= self.edge
+        srv._need_holders = lambda *a: None  # the edge nodes' self-masks are never rebuilt: the attacker does not care
+        srv.receive_collect({c: secagg_collect(cl[c], m, self.inputs[c]) for c, m in requests.items()
+                             if c not in self.gone})
+        if srv.stage is Stage.CONSISTENCY:
+            requests = srv.consistency_requests()
+            for c, m in requests.items():  # O(degree): its own and its surviving neighbours' declarations
+                assert set(m["declarations"]) == (srv.setup.neighbours[c] & srv.active) | {c}
+            srv.receive_consistency({c: r for c, m in requests.items() if (r := self.ask(c, "consistency", m))})
+        return {c: r for c, m in srv.unmask_requests().items() if (r := self.ask(c, "unmask", m)) is not None}
+
+    def recover(self, revealed: dict[int, dict]) -> np.ndarray | None:
+        """The arc's sum from the masked inputs and the revealed shares, if the server got enough."""
+        srv, setup, t = self.server, self.server.setup, self.server.setup.threshold
+
+        def rebuild(owner, kind):
+            got = [(srv._holders[owner].index(h) + 1, r[kind][owner]) for h, r in revealed.items() if owner in r[kind]]
+            return crypto.combine_shares(sorted(got)[:t]) if len(got) >= t else None
+
+        total = np.zeros(16, dtype=np.int64)
+        for z in self.arc:
+            b = rebuild(z, "b_shares")
+            if b is None:
+                return None
+            total += srv._masked[z].astype(np.int64) - self_mask(setup, z, b).astype(np.int64)
+        for d in sorted(self.gone):
+            raw = rebuild(d, "sk_shares")
+            if raw is None:
+                return None
+            for z in self.arc:
+                if d in srv._forwarded[z]:  # z masked with d: undo it
+                    mask = pair_mask(setup, d, crypto.private_from_bytes(raw), z, srv._pk_mask[z]).astype(np.int64)
+                    total -= sign(z, d) * mask
+        return (total % (1 << M)).astype(np.uint32)
+
+    def arc_sum(self) -> np.ndarray:
+        return (sum(self.inputs[z].astype(np.int64) for z in self.arc) % (1 << M)).astype(np.uint32)
+
+
+def test_without_the_checks_a_server_unmasks_the_sum_of_an_arc_of_five():
+    a = ArcAttack(roster=False)
+    recovered = a.recover(a.run())
+    assert recovered is not None and np.array_equal(recovered, a.arc_sum())  # five inputs of 14 survivors
+
+
+def test_with_the_checks_the_arc_reveals_nothing_and_nothing_is_recovered():
+    a = ArcAttack(roster=True)
+    revealed = a.run()
+    assert a.recover(revealed) is None
+    for z in a.arc:  # each arc client names the edge neighbour it never masked with
+        assert z not in revealed and "stage 'unmask'" in a.errors[z] and "never reached it" in a.errors[z]
+        assert a.clients[z].stage is Stage.ABORTED and not a.clients[z]._held
+    edge = [c for c in a.edge if c in a.errors]
+    assert edge and all("of its neighbours survived, t=5 needed" in a.errors[c] for c in edge)
+
+
+def test_a_consistency_request_without_a_neighbours_declaration_or_with_anothers_is_refused():
+    for tamper in ("drop", "swap"):
+        r = Round(roster=True, ids=[1, 2, 3, 4])
+        r.to_collect()
+        msg = r.server.consistency_requests()[1]
+        decl = dict(msg["declarations"])
+        if tamper == "drop":
+            del decl[2]
+        else:
+            decl[2] = decl[3]  # a signature by client 3 in place of client 2's
+        assert r.ask(1, "consistency", {**msg, "declarations": decl}) is None
+        assert "client 2's declaration of its input is missing or not signed" in r.errors[1]
+        assert r.clients[1].stage is Stage.ABORTED
