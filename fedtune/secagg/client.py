@@ -281,9 +281,10 @@ class SecAggClient:
         neighbours inside / outside that set."""
         me, signed = self.id, self._statement[0]
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
-        valid = []
+        data, valid = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement), [me]  # it signed
         for j in signed:  # a quorum of valid signatures is enough
-            if len(valid) < self.setup.quorum and self._signed_by(j, sigs.get(j), identity.SURVIVORS, *self._statement):
+            if j != me and len(valid) < self.setup.quorum and \
+                    identity.verify_statement(self.setup.roster[j], sigs.get(j), data):
                 valid.append(j)
         if len(valid) < self.setup.quorum:
             bad = sorted(set(sigs) - set(valid))

@@ -12,8 +12,10 @@ public keys travel as DER SubjectPublicKeyInfo.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import struct
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -60,31 +62,42 @@ def input_set(roster: dict[int, bytes], survivors: list[int], real: set[int]) ->
     return h.digest()
 
 
-def _statement(label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:
+def statement(label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:
+    """The bytes a signature covers (build once to check many signatures on one statement)."""
     out = [DOMAIN, label, digest]
     for f in fields:
         if isinstance(f, int):
             f = f.to_bytes(8, "big")
         elif isinstance(f, list):
-            f = b"".join(int(x).to_bytes(8, "big") for x in sorted(f))
+            f = struct.pack(f">{len(f)}Q", *sorted(int(x) for x in f))
         out.append(f)
     return b"".join(len(p).to_bytes(4, "big") + p for p in out)
 
 
 def sign(key: SigningKey, label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bytes:
-    data = _statement(label, digest, *fields)
+    data = statement(label, digest, *fields)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return key.sign(data)
     return key.sign(data, ec.ECDSA(hashes.SHA384()))
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(der: bytes) -> Any:
+    """A DER public key, parsed once (a roster's keys are checked many times a round)."""
+    return serialization.load_der_public_key(der)
+
+
 def verify(public: bytes, signature: Any, label: bytes, digest: bytes, *fields: bytes | int | list[int]) -> bool:
     """True only for a valid signature by ``public`` over exactly this statement."""
+    return isinstance(signature, bytes) and verify_statement(public, signature, statement(label, digest, *fields))
+
+
+def verify_statement(public: bytes, signature: Any, data: bytes) -> bool:
+    """verify() for a statement built with statement()."""
     if not isinstance(signature, bytes):
         return False
     try:
-        key = serialization.load_der_public_key(public)
-        data = _statement(label, digest, *fields)
+        key = _public_key(bytes(public))
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, data)
         elif isinstance(key, ec.EllipticCurvePublicKey):

@@ -29,6 +29,7 @@ from fedtune.secagg.protocol import SecAggError
 
 KEYS_ENV = "FEDTUNE_CLIENT_KEYS"  # the server's folder of registered <name>.pub keys
 STATE = "fedtune-secagg-identity"
+CERT = "fedtune-secagg-certificate"  # the registered key's signature on the identity key, once per run
 
 
 def load_private(path: str | Path) -> identity.SigningKey:
@@ -68,10 +69,17 @@ def node_identity(context: Context, keep: Path | None = None) -> identity.Signin
 
 
 def certificate(context: Context, public: bytes) -> bytes:
-    """Deployment: the registered authentication key's signature on this identity key; else b""."""
+    """Deployment: the registered authentication key's signature on this identity key, made once
+    per run and kept in the node state (a P-384 signature per round would cost more than the
+    round's other signatures together); else b""."""
     if not registered(context):
         return b""
-    return identity.sign(load_private(str(context.node_config["identity-key"])), identity.CERTIFY, b"", public)
+    record = context.state.config_records.get(CERT)
+    if record is not None and bytes(record["public"]) == public:
+        return bytes(record["cert"])
+    cert = identity.sign(load_private(str(context.node_config["identity-key"])), identity.CERTIFY, b"", public)
+    context.state[CERT] = ConfigRecord({"public": public, "cert": cert})
+    return cert
 
 
 def registered_check(folder: str | None = None) -> Callable[[int, str, bytes, bytes], str] | None:

@@ -321,7 +321,8 @@ class SecAggServer:
             self._asked[cid] = (survivors, dropped)
             requests[cid] = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
             if self.setup.roster:
-                requests[cid]["signatures"] = dict(sorted(signers.items())[:self.setup.quorum])  # all it needs
+                others = sorted((j, s) for j, s in signers.items() if j != cid)  # all it needs: with its own, a quorum
+                requests[cid]["signatures"] = dict(others[:self.setup.quorum - 1])
         return requests
 
     def receive_unmask(self, replies: Replies) -> SecAggResult:
