@@ -69,14 +69,13 @@ def _lying_unmask(r: Round) -> dict[int, dict]:
         others = sorted(set(IDS) - {TARGET, c})
         msg = {"survivors": [TARGET], "dropped": others}
         if r.roster:
-            decl = srv._sigs["decl"]
-            sig = r.ask(c, "consistency", {"survivors": told, "real": told,
-                                           "declarations": {j: decl[j] for j in told}})
+            shown = {"survivors": told, "real": told, "declarations": {j: srv._sigs["decl"][j] for j in told},
+                     "masked_with": {j: srv._masked_with[j] for j in told}}
+            sig = r.ask(c, "consistency", shown)
             if sig is None:
                 continue
             sigs = {c: sig["sig"]}
-            own = r.ask(TARGET, "consistency", {"survivors": told, "real": told,  # the target signs one set at most
-                                                "declarations": {j: decl[j] for j in told}})
+            own = r.ask(TARGET, "consistency", shown)  # the target signs one set at most
             if own is not None:
                 sigs[TARGET] = own["sig"]
             msg["signatures"] = sigs
@@ -118,9 +117,9 @@ def test_with_a_roster_the_inconsistent_lists_attack_recovers_nothing():
     r.to_collect()
     revealed = _lying_unmask(r)
     assert revealed == {} and _recover(r, revealed) is None
-    for c in IDS:
+    for c in IDS:  # each refuses at consistency already: in the set it is told, its neighbours have < t survivors
         if c != TARGET:
-            assert "stage 'unmask'" in r.errors[c] and "revealing nothing" in r.errors[c]
+            assert "stage 'consistency'" in r.errors[c] and "revealing nothing" in r.errors[c]
             assert r.clients[c].stage is Stage.ABORTED and not r.clients[c]._held  # its shares are gone
 
 

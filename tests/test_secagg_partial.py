@@ -3,8 +3,10 @@ attacker. On a sparse neighbour graph (a ring of degree 8) a server that keeps t
 two clients from the arc between them, and lets the clients beyond the arc drop, can unmask
 the sum of that arc's few inputs alone, while every client signed the same survivor set:
 without the malicious-server checks the attack below recovers the arc's exact sum (so the test
-can fail); with them, every client of the arc refuses to reveal (it did not mask with every
-surviving neighbour, or too few of its neighbours survived) and nothing is recovered. Also:
+can fail; fedtune's checks before this test's commit let it through too); with them, each
+client checks, in the signed declarations of itself and its surviving neighbours, that each
+masked with every surviving neighbour and has at least t of them, and refuses: nothing is
+recovered. Also:
 a client is shown only its own and its surviving neighbours' declarations, and refuses a
 consistency request that leaves one out or shows another client's in its place."""
 
@@ -15,7 +17,7 @@ import hmac
 
 import numpy as np
 
-from fedtune.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, Stage, crypto, identity
+from fedtune.secagg import SecAggAborted, SecAggClient, SecAggError, SecAggParams, SecAggServer, Stage, crypto, identity
 from fedtune.secagg.protocol import pair_mask, self_mask, sign
 from tests.conftest import secagg_collect
 from tests.test_secagg_malicious import Round
@@ -31,7 +33,8 @@ class ArcAttack:
         ids = list(range(1, N + 1))
         keys = {c: identity.generate() for c in ids}
         self.roster = {c: identity.public_bytes(k) for c, k in keys.items()} if roster else {}
-        self.server = srv = SecAggServer(SecAggParams(field_bits=M, length=16, degree=8), ids, roster=self.roster)
+        srv = SecAggServer(SecAggParams(field_bits=M, length=16, degree=8), ids, bytes(32), roster=self.roster)
+        self.server = srv
         self.clients = {c: SecAggClient(c, srv.advertise_request(), keys[c] if roster else None) for c in ids}
         ring = sorted(ids, key=lambda c: (hmac.new(srv.setup.graph_seed, c.to_bytes(8, "big"), hashlib.sha256).digest(), c))
         assert all(srv.setup.neighbours[ring[p]] == {ring[(p + d) % N] for d in (-4, -3, -2, -1, 1, 2, 3, 4)}
@@ -67,7 +70,10 @@ class ArcAttack:
             requests = srv.consistency_requests()
             for c, m in requests.items():  # O(degree): its own and its surviving neighbours' declarations
                 assert set(m["declarations"]) == (srv.setup.neighbours[c] & srv.active) | {c}
-            srv.receive_consistency({c: r for c, m in requests.items() if (r := self.ask(c, "consistency", m))})
+            try:
+                srv.receive_consistency({c: r for c, m in requests.items() if (r := self.ask(c, "consistency", m))})
+            except SecAggAborted:
+                return {}  # no quorum signed: nothing is asked for
         return {c: r for c, m in srv.unmask_requests().items() if (r := self.ask(c, "unmask", m)) is not None}
 
     def recover(self, revealed: dict[int, dict]) -> np.ndarray | None:
@@ -108,23 +114,28 @@ def test_with_the_checks_the_arc_reveals_nothing_and_nothing_is_recovered():
     a = ArcAttack(roster=True)
     revealed = a.run()
     assert a.recover(revealed) is None
-    for z in a.arc:  # each arc client names the edge neighbour it never masked with
-        assert z not in revealed and "stage 'unmask'" in a.errors[z] and "never reached it" in a.errors[z]
+    assert revealed == {}
+    for z in a.arc:  # each names the first client it checks (itself or a neighbour) that fails
+        assert "stage 'consistency'" in a.errors[z] and "revealing nothing" in a.errors[z]
+        assert "(its shares never reached it)" in a.errors[z] or "only 4 of its neighbours survived" in a.errors[z]
         assert a.clients[z].stage is Stage.ABORTED and not a.clients[z]._held
-    edge = [c for c in a.edge if c in a.errors]
-    assert edge and all("of its neighbours survived, t=5 needed" in a.errors[c] for c in edge)
+    said = " ".join(a.errors.values())  # both reasons come up: an edge node has 4 surviving neighbours (< t),
+    assert any(f"client {c}: only 4 of its neighbours survived, t=5 needed" in said for c in a.edge)
+    assert any(f"client {z}: it did not mask with its surviving neighbour" in said for z in a.arc)  # an arc client
 
 
-def test_a_consistency_request_without_a_neighbours_declaration_or_with_anothers_is_refused():
-    for tamper in ("drop", "swap"):
+def test_a_consistency_request_without_a_neighbours_declaration_or_with_anothers_or_altered_is_refused():
+    for tamper in ("drop", "swap", "masked_with"):
         r = Round(roster=True, ids=[1, 2, 3, 4])
         r.to_collect()
         msg = r.server.consistency_requests()[1]
-        decl = dict(msg["declarations"])
+        decl, bits = dict(msg["declarations"]), dict(msg["masked_with"])
         if tamper == "drop":
             del decl[2]
-        else:
+        elif tamper == "swap":
             decl[2] = decl[3]  # a signature by client 3 in place of client 2's
-        assert r.ask(1, "consistency", {**msg, "declarations": decl}) is None
+        else:
+            bits[2] = bytes([bits[2][0] ^ 1])  # "client 2 masked with another set of neighbours"
+        assert r.ask(1, "consistency", {**msg, "declarations": decl, "masked_with": bits}) is None
         assert "client 2's declaration of its input is missing or not signed" in r.errors[1]
         assert r.clients[1].stage is Stage.ABORTED

@@ -42,7 +42,7 @@ from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import field_dtype, pack
 from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, SecAggAborted, SecAggError, SecAggSetup, Stage,
-    as_message, field_mask, id_list, id_map, pair_mask, paired_maps, self_mask, sign,
+    as_message, field_mask, from_bits, id_list, id_map, neighbour_bits, pair_mask, paired_maps, self_mask, sign,
 )
 
 
@@ -221,8 +221,9 @@ class SecAggClient:
                 y -= mask
         y &= field_mask(self.setup)
         reply: dict[str, Any] = {"masked": pack(y, m), "real": int(bool(real))}
-        if self.setup.roster:
-            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)), bytes(bound))
+        if self.setup.roster:  # signed: real or not, a resend's first input set, the neighbours it masked with
+            reply["masked_with"] = neighbour_bits(self.setup, self.id, self._held)
+            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)), bytes(bound), reply["masked_with"])
             if bound:
                 reply["bound"] = bytes(bound)
         self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
@@ -241,15 +242,18 @@ class SecAggClient:
         resent = set(id_list(msg.get("resent", []), "resent", me))
         decl = id_map(msg.get("declarations", {}), "declarations", me)
         bound = id_map(msg.get("bound", {}), "bound", me)
+        masked_with = id_map(msg.get("masked_with", {}), "masked_with", me)
         if me not in survivors or not set(survivors) <= set(self.setup.client_ids) or not resent <= real or \
                 not real <= set(survivors):
             raise self._fail(SecAggError(f"client {me}: stage 'consistency': the server's survivor set is not one "
                                          "of this round's (it omits this client or names strangers); refusing"))
         checked = sorted((self.neighbours & set(survivors)) | {me})
         for j in checked:
-            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real), bound.get(j, b"")):
+            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real), bound.get(j, b""),
+                                   masked_with.get(j, b"")):
                 raise self._fail(SecAggError(f"client {me}: stage 'consistency': client {j}'s declaration of its "
                                              "input is missing or not signed by its identity key; refusing"))
+            self._check_masked(j, set(survivors), from_bits(self.setup, j, masked_with.get(j)))
         if len(real) < p.min_inputs:
             raise self._fail(SecAggAborted(f"client {me}: stage 'consistency': only {len(real)} real inputs in the "
                                            f"sum, min_inputs={p.min_inputs}; revealing nothing"))
@@ -258,6 +262,18 @@ class SecAggClient:
         self._statement = (survivors, sorted(real), sorted(resent))
         self.stage = Stage.UNMASK
         return {"sig": self._sign(identity.SURVIVORS, *self._statement)}
+
+    def _check_masked(self, j: int, survivors: set[int], masked: set[int]) -> None:
+        """Client j (itself or a neighbour whose self-mask shares it holds) masked with every
+        surviving neighbour and has at least t of them: then no sum but the whole survivor set's
+        can be unmasked (docs/secure-aggregation.md, the argument)."""
+        near = self.setup.neighbours[j] & survivors
+        if len(near) < self.setup.threshold or not near <= masked:
+            why = (f"only {len(near)} of its neighbours survived, t={self.setup.threshold} needed"
+                   if len(near) < self.setup.threshold else
+                   f"it did not mask with its surviving neighbour {min(near - masked)} (its shares never reached it)")
+            raise self._fail(SecAggError(f"client {self.id}: stage 'consistency': client {j}: {why}, so shares "
+                                         "could unmask a part of the survivor set; revealing nothing"))
 
     def _check_bound(self, bound: dict[int, Any], real: set[int], resent: set[int], checked: list[int]) -> None:
         """One release, one sum: the statement names the resends; if there is one, every real input
@@ -275,10 +291,8 @@ class SecAggClient:
 
     def _check_quorum(self, msg: Any, survivors: list[int], dropped: list[int]) -> None:
         """Malicious-server mode, before revealing: a quorum of survivors signed the statement this
-        client signed (so every revealing honest client holds the same one); this client masked
-        with every surviving neighbour and has at least t of them (so the only sum its shares can
-        unmask is the whole survivor set's); the request names exactly its share-holding
-        neighbours inside / outside that set."""
+        client signed (so every revealing honest client holds the same one), and the request names
+        exactly its share-holding neighbours inside / outside that set."""
         me, signed = self.id, self._statement[0]
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
         data, valid = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement), [me]  # it signed
@@ -291,13 +305,6 @@ class SecAggClient:
             raise self._fail(SecAggError(
                 f"client {me}: stage 'unmask': only {len(valid)} survivors signed the survivor set this client was "
                 f"told, {self.setup.quorum} needed (server or clients {bad[:5]} disagree); revealing nothing"))
-        near = sorted(self.neighbours & set(signed))
-        unheld = [j for j in near if j not in self._held]
-        if unheld or len(near) < self.setup.threshold:
-            why = (f"surviving neighbour {unheld[0]}'s shares never reached it (it did not mask with it)" if unheld
-                   else f"only {len(near)} of its neighbours survived, t={self.setup.threshold} needed")
-            raise self._fail(SecAggError(f"client {me}: stage 'unmask': {why}, so its shares could unmask a part of "
-                                         "the survivor set; revealing nothing"))
         inside = sorted(j for j in self._held if j in signed)
         outside = sorted(j for j in self._held if j not in signed)
         if sorted(survivors) != inside or sorted(dropped) != outside:

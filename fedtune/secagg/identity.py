@@ -112,7 +112,7 @@ def verify_statement(public: bytes, signature: Any, data: bytes) -> bool:
 def check_public(public: Any) -> bool:
     """A DER public key this module can verify with."""
     try:
-        key = serialization.load_der_public_key(bytes(public))
+        key = _public_key(bytes(public))
     except (ValueError, TypeError):
         return False
     return isinstance(key, (ed25519.Ed25519PublicKey, ec.EllipticCurvePublicKey))

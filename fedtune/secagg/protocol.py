@@ -212,6 +212,23 @@ def pair_mask(setup: SecAggSetup, me: int, private: X25519PrivateKey, peer: int,
     return crypto.expand(seed, setup.params.length, setup.params.field_bits)
 
 
+def neighbour_bits(setup: SecAggSetup, owner: int, chosen: Any) -> bytes:
+    """Which of ``owner``'s neighbours (in id order) are in ``chosen``: one bit each."""
+    bits = bytearray((len(setup.neighbours[owner]) + 7) // 8)
+    for i, j in enumerate(sorted(setup.neighbours[owner])):
+        if j in chosen:
+            bits[i // 8] |= 1 << (i % 8)
+    return bytes(bits)
+
+
+def from_bits(setup: SecAggSetup, owner: int, bits: Any) -> set[int]:
+    """The neighbours of ``owner`` that neighbour_bits marked (none for a malformed value)."""
+    nbrs = sorted(setup.neighbours[owner])
+    if not isinstance(bits, bytes) or len(bits) != (len(nbrs) + 7) // 8:
+        return set()
+    return {j for i, j in enumerate(nbrs) if bits[i // 8] >> (i % 8) & 1}
+
+
 def field_mask(setup: SecAggSetup) -> np.generic:
     dtype = field_dtype(setup.params.field_bits)
     return dtype.type((1 << setup.params.field_bits) - 1)

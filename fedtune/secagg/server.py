@@ -79,6 +79,7 @@ class SecAggServer:
         self._sigs: dict[str, dict[int, bytes]] = {"keys": {}, "decl": {}, "survivors": {}}  # with a roster
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
         self._bound: dict[int, bytes] = {}  # resends: the input set of their first sum
+        self._masked_with: dict[int, bytes] = {}  # each input's declared masking neighbours (protocol.neighbour_bits)
         self._statement: tuple[list[int], ...] = ()  # (survivors, real, resent) the survivors sign
 
     @property
@@ -252,11 +253,12 @@ class SecAggServer:
                 self._masked.pop(cid, None)
                 self._reject(cid, str(e))
                 continue
-            bound = msg.get("bound", b"")
-            bound = bound if isinstance(bound, bytes) and len(bound) in (0, 32) else b"?"  # malformed: fails to verify
-            if not self._signed(cid, "decl", msg.get("decl"), identity.INPUT, cid, int(msg["real"]), bound):
+            bound, mw = msg.get("bound", b""), msg.get("masked_with")  # malformed: b"?", fails to verify
+            bound, mw = bound if isinstance(bound, bytes) and len(bound) in (0, 32) else b"?", mw if isinstance(mw, bytes) else b"?"
+            if not self._signed(cid, "decl", msg.get("decl"), identity.INPUT, cid, int(msg["real"]), bound, mw):
                 self._masked.pop(cid, None)
                 continue
+            self._masked_with[cid] = mw
             if bound:
                 self._bound[cid] = bound
             if msg["real"]:
@@ -288,12 +290,12 @@ class SecAggServer:
             checked = sorted((self.setup.neighbours[cid] & self.active) | {cid})
             requests[cid] = {"survivors": survivors, "real": real, "resent": resent,
                              "declarations": {j: self._sigs["decl"][j] for j in checked},
+                             "masked_with": {j: self._masked_with[j] for j in checked},
                              "bound": {j: self._bound[j] for j in checked if j in self._bound}}
         return requests
 
     def receive_consistency(self, replies: Replies) -> None:
-        """Keeps the survivors' signatures on the statement; fewer than the quorum aborts the round.
-        A survivor that does not sign stays in the sum but is not asked for shares."""
+        """Keeps the survivors' signatures; below the quorum: abort. A non-signer stays in the sum, unasked."""
         self._expect(Stage.CONSISTENCY)
         for cid, msg in self._replies(replies).items():  # (before consistency_requests: no statement, none valid)
             self._signed(cid, "survivors", msg.get("sig"), identity.SURVIVORS, *self._statement)
@@ -310,8 +312,7 @@ class SecAggServer:
 
     # -- unmask -----------------------------------------------------------------------
     def unmask_requests(self) -> dict[int, dict[str, list[int]]]:
-        """Each surviving client is asked for b-shares of its surviving neighbours and
-        mask-key shares of its neighbours that dropped after sharing."""
+        """Each survivor (that signed) is asked for b-shares of surviving, mask-key shares of dropped neighbours."""
         self._expect(Stage.UNMASK)
         requests = {}
         signers = self._sigs["survivors"]
