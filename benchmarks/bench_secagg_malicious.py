@@ -6,9 +6,9 @@ Both variants run fedtune.secagg's state machines in memory with the same inputs
 encoding, no dropouts. The malicious one adds what fedtune's Flower rounds do (flower_server,
 flower_client): the identify and graph stages (identity key, the graph seed's commit-reveal
 coin toss, coin.check_setup), identity signatures on the advertised keys and the input
-declaration, the neighbours' key signatures checked at share, the consistency stage (every
-survivor's declaration checked, the survivor set signed) and the quorum of survivor
-signatures checked before unmask. Identity keys are Ed25519; in deployment (the default;
+declaration, the neighbours' key signatures checked at share, the consistency stage (its own
+and its surviving neighbours' declarations checked, the statement signed) and the quorum of
+survivor signatures checked before unmask. Identity keys are Ed25519; in deployment (the default;
 --identity simulation leaves it out) each is certified at identify by the client's P-384
 SuperNode key (once per run: the client keeps it) and the server checks the certificates
 every round. Loading key files and making the certificate are not timed.
