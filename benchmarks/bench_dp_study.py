@@ -56,7 +56,6 @@ def _compute(summary: dict, cfg) -> float:
 
 
 def one_run(config: str, name: str, overrides: dict, eps: float, repeat: int, runs: str) -> dict:
-    from fedtune.privacy.audit import run_audit
     from fedtune.simulate import simulate
 
     label = f"{name}-eps{eps:g}-r{repeat}" if math.isfinite(eps) else f"{name}-nodp-r{repeat}"
@@ -66,7 +65,13 @@ def one_run(config: str, name: str, overrides: dict, eps: float, repeat: int, ru
     print(f"== study: {label} ==", flush=True)
     t0 = time.perf_counter()
     run_dir = simulate(cfg, [], make_follower(quiet=True))
-    seconds = time.perf_counter() - t0
+    return record(run_dir, cfg, name, overrides, eps, repeat, time.perf_counter() - t0)
+
+
+def record(run_dir: Path, cfg, name: str, overrides: dict, eps: float, repeat: int, seconds: float) -> dict:
+    """One study row from a finished run folder (its summary and `fedtune audit --verify`)."""
+    from fedtune.privacy.audit import run_audit
+
     summary = read_json(run_dir / "summary.json")
     audit = run_audit(run_dir, verify=True)
     dp_rows = [c for c in summary["clients"] if c.get("epsilon") is not None]
@@ -95,6 +100,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--runs", default="/tmp/fedtune-study-runs", help="where the study's run folders go")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--add-run", nargs=3, metavar=("RUN_DIR", "REPEAT", "SECONDS"),
+                    help="record a run made elsewhere (e.g. by make demo) as a repeat of the first --point")
+    ap.add_argument("--note", default="", help="with --add-run: how that run was made")
+    ap.add_argument("--load-before", type=float, default=0.0, help="with --add-run: the 1-min load before it")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -103,7 +112,15 @@ def main() -> None:
     results = load_results(path)
     results["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     results["config"] = os.path.relpath(args.config, ROOT)
-    if not args.report_only:
+    if args.add_run:
+        run_dir, repeat, seconds = Path(args.add_run[0]), int(args.add_run[1]), float(args.add_run[2])
+        point = args.point[0]
+        name, overrides = parse_point(point) if "=" in point else (point, {})  # a bare name: no overrides
+        cfg = config_mod.load(run_dir / "config.toml")
+        row = record(run_dir, cfg, name, overrides, cfg.privacy.epsilon, repeat, seconds)
+        results["runs"].append({**row, "load_before": args.load_before, "note": args.note})
+        path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
+    elif not args.report_only:
         for point in args.point:
             name, overrides = parse_point(point)
             for eps in args.epsilons:

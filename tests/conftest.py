@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FEDTUNE_CACHE", tempfile.mkdtemp(prefix="fedtune-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per process: `make test` runs two workers on two cores, each starting
+# simulations and servers; more threads only oversubscribe the cores (OpenMP threads that
+# wait on each other's barriers made the SmolLM2 audit arms several times slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config):

@@ -1,14 +1,11 @@
 """`fedtune audit`: the table, `--verify` (independent recomputation, hash chains, ledger
-heads), bad ledgers, and the empirical check (canaries, secrets) on real runs."""
+heads), bad ledgers, and the empirical check (canaries, secrets) on a tiny run; the check on
+the real model is in test_memorization_*.py."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -16,28 +13,17 @@ from fedtune.privacy import Ledger
 from fedtune.privacy.ledger import entry_hash
 from fedtune.runfolder import read_jsonl
 from tests.conftest import ROOT
+from tests.memorization import fedtune, simulate
 
 pytestmark = pytest.mark.slow
-
-
-def fedtune(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-
-def _simulate(out, *args):
-    res = fedtune("simulate", *args, "--output", str(out))
-    assert res.returncode == 0, res.stdout + res.stderr
-    (folder,) = [p for p in out.iterdir() if p.is_dir()]
-    return folder
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """3 tiny clients, record-level DP-SGD and client-level DP-FedAvg, canaries and secrets."""
     out = tmp_path_factory.mktemp("runs")
-    return _simulate(out, str(ROOT / "simulations" / "tiny.toml"), "--canaries", "12", "--secrets", "1",
-                     "--set", "client_dp.enabled=true", "--set", "client_dp.epsilon=5")
+    return simulate(out, str(ROOT / "simulations" / "tiny.toml"), "--canaries", "12", "--secrets", "1",
+                    "--set", "client_dp.enabled=true", "--set", "client_dp.epsilon=5")
 
 
 @pytest.fixture
@@ -140,83 +126,3 @@ def test_empirical_audit_of_a_tiny_run_reports_both_checks(run_dir):
     assert len(emp["secrets"]) == 1 and emp["secrets"][0]["max_exposure_bits"] == pytest.approx(13.2877, abs=1e-3)
     md = (run_dir / "audit.md").read_text()
     assert "ε̂ ≤ ε is expected" in md and "mean a bug" in md
-
-
-# ---- the claim itself: DP stops memorization, and the audit can tell -----------------------
-
-MEMORIZE = """\
-[run]
-name = "{name}"
-[model]
-max_length = 64
-[data]
-source = "{data}"
-partition = "iid"
-[train]
-local_steps = 50
-batch_size = 8
-learning_rate = 0.003
-[privacy]
-dp = {dp}
-epsilon = 1.0
-seed = 0
-[federation]
-mode = "centralized"
-rounds = 2
-[audit]
-canaries = 100
-canary_words = 6
-secrets = 2
-secret_repeats = 8
-"""
-
-
-def audit_both_arms(base, train) -> dict:
-    """The memorization check's two arms, no DP and ε = 1: ``train(folder, dp)`` makes a run
-    folder with planted records, `fedtune audit --verify --empirical` checks it; both audits."""
-    results = {}
-    for name, dp in (("no-dp", False), ("dp-eps1", True)):
-        folder = train(base / name, dp)
-        res = fedtune("audit", str(folder), "--verify", "--empirical")
-        assert res.returncode == 0, res.stdout + res.stderr
-        results[name] = json.loads((folder / "audit.json").read_text())
-    return results
-
-
-def assert_found_without_dp(audits) -> None:
-    emp = audits["no-dp"]["empirical"]
-    assert emp["one_run"]["epsilon_lower_bound"] > 1.0  # clearly above 0: the attack proves leakage
-
-
-def assert_below_epsilon_1(audits) -> None:
-    emp = audits["dp-eps1"]["empirical"]
-    assert emp["accountant_epsilon"] <= 1.0
-    assert emp["one_run"]["epsilon_lower_bound"] <= emp["accountant_epsilon"] and not emp["one_run"]["violation"]
-
-
-@pytest.fixture(scope="module")
-def memorization_runs(tmp_path_factory):
-    """SmolLM2 on 10 short records plus 100 canaries and 2 secrets (×8): 100 steps without
-    DP memorizes them; the same at ε = 1 must not."""
-    base = tmp_path_factory.mktemp("memorize")
-    data = base / "visits.jsonl"
-    data.write_text("".join(json.dumps({"text": f"visit {i}: patient is stable"}) + "\n" for i in range(10)))
-
-    def train(out, dp):
-        cfg = base / f"{out.name}.toml"
-        cfg.write_text(textwrap.dedent(MEMORIZE.format(name=out.name, data=data, dp=str(dp).lower())))
-        return _simulate(out, str(cfg))
-
-    return audit_both_arms(base, train)
-
-
-def test_without_dp_the_canaries_and_secrets_are_memorized(memorization_runs):
-    assert_found_without_dp(memorization_runs)
-    emp = memorization_runs["no-dp"]["empirical"]
-    assert min(s["exposure_bits"] for s in emp["secrets"]) > 10  # of 13.3: (nearly) recited
-
-
-def test_at_epsilon_1_the_empirical_bound_stays_below_1(memorization_runs):
-    assert_below_epsilon_1(memorization_runs)
-    emp = memorization_runs["dp-eps1"]["empirical"]
-    assert max(s["exposure_bits"] for s in emp["secrets"]) < 5

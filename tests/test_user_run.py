@@ -119,7 +119,7 @@ def canary_people_audits(tmp_path_factory):
     """The tiny Llama at the user unit, 3 clients, 12 patients plus 100 canary people of 3
     records each (half of them planted): 2 rounds of 30 steps without DP give the canary
     people away; the same at ε = 1 for one person must not."""
-    from tests.test_audit import audit_both_arms
+    from tests.memorization import audit_both_arms
 
     base = tmp_path_factory.mktemp("canary-people")
     data = people_file(base, people=12)
@@ -137,14 +137,14 @@ def canary_people_audits(tmp_path_factory):
 
 @pytest.mark.slow  # about 2 minutes on 2 shared cores
 def test_canary_people_without_dp_are_found(canary_people_audits):
-    from tests.test_audit import assert_found_without_dp
+    from tests.memorization import assert_found_without_dp
 
     assert_found_without_dp(canary_people_audits)
 
 
 @pytest.mark.slow
 def test_canary_people_at_epsilon_1_stay_below_the_persons_epsilon(canary_people_audits):
-    from tests.test_audit import assert_below_epsilon_1
+    from tests.memorization import assert_below_epsilon_1
 
     audit = canary_people_audits["dp-eps1"]
     assert [r["level"] for r in audit["rows"]] == ["user"] * 3 and audit["problems"] == []
