@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from fedtune import config
 from fedtune.data import TokenizedData, collate
 from fedtune.errors import FedtuneError
-from fedtune.model import load_base_model, load_tokenizer, resolve_device, resolve_precision
+from fedtune.model import autocast, load_base_model, load_tokenizer, resolve_device, resolve_precision
 from fedtune.runfolder import read_json
 from fedtune.train import forward_logits, per_sequence_loss
 
@@ -119,35 +119,50 @@ def sequence_losses(model, tokenizer, texts: list[str], device, amp_dtype, batch
 
 
 @torch.no_grad()
-def secret_exposure(model, tokenizer, prefix: str, digits: str, device, amp_dtype, batch_size: int = 256) -> dict:
+def secret_exposure(model, tokenizer, prefix: str, digits: str, device, amp_dtype, batch_size: int = 500) -> dict:
     """Rank of ``digits`` among all same-length digit strings after ``prefix``, and exposure."""
     digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(10)]
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     full = tokenizer(prefix + digits, add_special_tokens=False)["input_ids"]
     if any(len(d) != 1 for d in digit_ids) or full != prefix_ids + [digit_ids[int(c)][0] for c in digits]:
         raise FedtuneError("secret exposure needs a tokenizer that writes each digit as one token")
-    digit_ids = torch.tensor([d[0] for d in digit_ids])
-    # Log-likelihood of every candidate, one digit position at a time (10^k partial strings at step k).
-    partial = torch.zeros((1, 0), dtype=torch.long)
-    logp = torch.zeros(1, dtype=torch.float64)
-    prefix_t = torch.tensor(prefix_ids)
-    for _ in range(len(digits)):
-        nxt = []
-        for start in range(0, len(partial), batch_size):
-            chunk = partial[start:start + batch_size]
-            ids = torch.cat([prefix_t.expand(len(chunk), -1), digit_ids[chunk]], dim=1).to(device)
-            position_ids = torch.arange(ids.shape[1], device=device).unsqueeze(0).repeat(ids.shape[0], 1)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(ids, attention_mask=torch.ones_like(ids), position_ids=position_ids).logits[:, -1]
-            nxt.append(F.log_softmax(logits.float(), dim=-1)[:, digit_ids.to(device)].double().cpu())
-        step = torch.cat(nxt)  # (len(partial), 10)
-        logp = (logp[:, None] + step).reshape(-1)
-        partial = torch.cat([partial.repeat_interleave(10, dim=0), torch.arange(10).repeat(len(partial))[:, None]], dim=1)
+    logp = candidate_log_likelihoods(model, prefix_ids, [d[0] for d in digit_ids], len(digits), device, amp_dtype,
+                                     batch_size)
     true_index = int(digits)  # candidates are enumerated in numeric order
     rank = 1 + int((logp > logp[true_index]).sum())
     space = 10 ** len(digits)
     return {"rank": rank, "candidates": space, "exposure_bits": math.log2(space) - math.log2(rank),
             "max_exposure_bits": math.log2(space)}
+
+
+def candidate_log_likelihoods(model, prefix_ids: list[int], digit_ids: list[int], length: int, device, amp_dtype,
+                              batch_size: int) -> torch.Tensor:
+    """log p(candidate | prefix) for every digit string of ``length``, in numeric order.
+
+    The prefix runs once per chunk (its key/value cache repeated over the chunk's rows); each
+    candidate's first ``length - 1`` digits then run on top of it, and the logits at every
+    position give each next digit's probability: one pass instead of one per digit position."""
+    digits = torch.tensor(digit_ids)
+    codes = torch.arange(10 ** length)
+    places = torch.stack([(codes // 10 ** (length - 1 - k)) % 10 for k in range(length)], dim=1)  # (N, length)
+    prefix = torch.tensor([prefix_ids], device=device)
+    out = []
+    for chunk in places.split(batch_size):
+        with autocast(device, amp_dtype):
+            first = model(prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
+            steps = [first.logits[:, -1].float().expand(len(chunk), -1)]
+            if length > 1:
+                cache = first.past_key_values
+                cache.batch_repeat_interleave(len(chunk))
+                ids = digits[chunk[:, :-1]].to(device)
+                pos = torch.arange(prefix.shape[1], prefix.shape[1] + length - 1, device=device).expand(len(chunk), -1)
+                mask = torch.ones((len(chunk), prefix.shape[1] + length - 1), dtype=torch.long, device=device)
+                later = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+                steps += list(later.logits.float().unbind(1))
+        logp = torch.stack([F.log_softmax(s_, dim=-1)[:, digits.to(device)] for s_ in steps], dim=1)  # (n, length, 10)
+        picked = logp.gather(2, chunk.to(device).unsqueeze(2)).squeeze(2)
+        out.append(picked.double().sum(1).cpu())
+    return torch.cat(out)
 
 
 # ---- the check, from a run folder --------------------------------------------------------
