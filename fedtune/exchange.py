@@ -5,13 +5,19 @@ with two differences that matter when a client dies:
   so every wave costs at least 3 s even when the clients answer in milliseconds);
 - the SuperLink's own error reply for a node it has marked offline (``NODE_UNAVAILABLE``,
   sent as from the SuperLink, not from the node) is attributed to the node it is about, so
-  the server stops waiting for that node at once and says which node it was.
+  the server stops waiting for that node at once and says which node it was;
+- the deadline holds even when one pull hangs: Flower's pull of a reply whose objects never
+  arrive (its client killed mid-upload) retries until the SuperLink's 180 s object-push
+  session expires, inside one call; here that call is left behind at the deadline (replies it
+  was fetching with it are lost: those nodes count as not having replied).
 
 Replies come back in arrival order, as Flower's do; callers sort where order matters.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from typing import Iterable
 
@@ -31,15 +37,35 @@ def send_and_receive(grid, messages: Iterable[Message], timeout: float, poll: fl
     waiting, replies = set(sent), []
     deadline = time.monotonic() + timeout
     while waiting:
-        for reply in grid.pull_messages(sorted(waiting)):
+        pulled = _pull(grid, sorted(waiting), deadline)
+        for reply in pulled or ():
             asked = sent.get(reply.metadata.reply_to_message_id)
             if asked is None:
                 continue
             waiting.discard(asked.metadata.message_id)
             replies.append(_attributed(reply, asked))
-        if not waiting or time.monotonic() >= deadline:
+        if pulled is None or not waiting or time.monotonic() >= deadline:
             break
         time.sleep(poll)
+    return replies
+
+
+def _pull(grid: Grid, ids: list[str], deadline: float) -> list[Message] | None:
+    """``grid.pull_messages(ids)``, or None if it has not returned by ``deadline``."""
+    box: queue.Queue = queue.Queue()
+
+    def pull() -> None:
+        try:
+            box.put((list(grid.pull_messages(ids)), None))
+        except Exception as exc:  # noqa: BLE001 - raised again in the caller's thread
+            box.put(([], exc))
+    threading.Thread(target=pull, daemon=True).start()  # daemon: a hung pull never holds the exit
+    try:
+        replies, exc = box.get(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+    except queue.Empty:
+        return None
+    if exc is not None:
+        raise exc
     return replies
 
 

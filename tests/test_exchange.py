@@ -95,3 +95,24 @@ def test_replies_come_within_a_poll_and_the_deadline_holds(task_identity):
     _answer(state, nodes["a"], after=0.3)
     replies = exchange.send_and_receive(grid, _asks([nodes["a"]]), timeout=60.0)
     assert len(replies) == 1 and time.monotonic() - t0 < 1.5  # a poll after the answer
+
+
+def test_a_pull_that_hangs_does_not_hold_the_deadline(task_identity):
+    """Flower's pull of a reply whose objects never arrive (its client killed mid-upload) hangs
+    until the SuperLink's 180 s push session expires; the wait still ends at its deadline."""
+    grid, state, nodes = _link({"half-sent": 30.0})
+    hang = threading.Event()
+    real_pull = grid.pull_messages
+
+    def pull_messages(ids):
+        if state.message_ins_id_to_message_res_id:  # a reply is there: its objects "never arrive"
+            hang.wait(30)
+        return real_pull(ids)
+    grid.pull_messages = pull_messages
+    _answer(state, nodes["half-sent"], after=0.0)
+    t0 = time.monotonic()
+    try:
+        replies = exchange.send_and_receive(grid, _asks(nodes.values()), timeout=1.0)
+    finally:
+        hang.set()
+    assert replies == [] and time.monotonic() - t0 < 3.0
