@@ -9,7 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.constant import NOOP_FLWR_AID, SUPERLINK_NODE_ID
 from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.server.superlink.linkstate import LinkStateFactory
@@ -22,8 +23,15 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
 from fedtune import exchange
+from fedtune.server import initial_adapter
+from tests.conftest import tiny_config
 
 RUN_ID = 1  # the conftest task_identity's run
+
+
+@pytest.fixture(scope="module")
+def initial(tiny_path):
+    return initial_adapter(tiny_config(), tiny_path)
 
 
 def _link(beats: dict[str, float]) -> tuple[InMemoryGrid, object, dict[str, int]]:
@@ -116,3 +124,27 @@ def test_a_pull_that_hangs_does_not_hold_the_deadline(task_identity):
     finally:
         hang.set()
     assert replies == [] and time.monotonic() - t0 < 3.0
+
+
+def test_key_stages_wait_the_stage_timeout_and_collect_the_round_timeout(tmp_path, initial, task_identity):
+    """The real secure round over the in-process grid of tests/test_secagg_flower.py, one client
+    silent from consistency on (killed after its masked update arrived): every key stage is
+    sent with federation.stage_timeout, collect (training) with the round's timeout, and the
+    silent client is dropped while its input stays in the sum."""
+    from fedtune.secagg.flower import Encoding, secure_train
+    from tests.test_secagg_flower import NODES, Grid, _cfg
+
+    class Timed(Grid):
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            waits.setdefault(str(messages[0].content["config"]["secagg-stage"]), timeout)
+            return super().send_and_receive(messages, timeout)
+
+    waits: dict[str, float] = {}
+    cfg = _cfg(tmp_path, "timed")
+    enc = Encoding(cfg.secagg.bits, cfg.secagg.clip, cfg.secagg.max_weight, n_max=len(NODES))
+    sec = secure_train(Timed(cfg, drop={NODES[3]: "consistency"}), NODES, 1, ArrayRecord(initial), enc,
+                       degree=cfg.secagg.degree, threshold=0, timeout=600.0, stage_timeout=20.0)
+    assert waits.pop("collect") == 600.0 and set(waits.values()) == {20.0}
+    assert set(waits) == {"identify", "graph", "advertise", "share", "consistency", "unmask"}
+    assert not sec.aborted and NODES[3] in sec.included and "'consistency'" in sec.lost[NODES[3]]
