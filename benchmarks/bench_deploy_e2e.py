@@ -50,13 +50,14 @@ def rounds_of(basetemp: Path) -> list[dict]:
 def run_once(tree: Path, label: str, basetemp: Path) -> dict:
     """One pytest run of the tree's own e2e test: wall time, outcome, rounds, load."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
+    others = machine_state()["busiest"][:3]  # what else ran as this run started
     load_before, t0 = os.getloadavg(), time.monotonic()
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST, f"--basetemp={basetemp}"],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     wall, load_after = time.monotonic() - t0, os.getloadavg()
     out = {"tree": label, "passed": res.returncode == 0, "wall_seconds": round(wall, 1), "rounds": rounds_of(basetemp),
            "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in load_after],
-           "tail": res.stdout.strip().splitlines()[-1:]}
+           "tail": res.stdout.strip().splitlines()[-1:], "others_at_start": others}
     print(json.dumps(out), flush=True)
     return out
 
