@@ -127,12 +127,12 @@ class Federation:
         return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["phase"] == "train"]
 
 
-def wait_for(check, timeout: float, what: str) -> None:
+def wait_for(check, timeout: float, what: str, step: float = 0.5) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.5)
+        time.sleep(step)
 
 
 def _toml(tables: dict[str, dict]) -> str:

@@ -31,6 +31,7 @@ def test_round_trip_through_flowers_flat_run_config():
     ({"privacy.epsilon": -1}, "privacy.epsilon must be a finite number > 0"),
     ({"privacy.delta": 1.5}, "privacy.delta must be in"),
     ({"federation.clients": 0}, "federation.clients must be >= 1"),
+    ({"federation.stage_timeout": 0}, "federation.stage_timeout must be > 0 seconds"),
     ({"federation.rounds": True}, "must be a whole number"),
     ({"data.partition": "random"}, "data.partition must be one of"),
     ({"model.device": "tpu"}, "model.device must be"),

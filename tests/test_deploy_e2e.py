@@ -25,7 +25,8 @@ NAMES = ["clinic-a", "clinic-b", "clinic-c", "clinic-d"]
 VICTIM = "clinic-d"
 RUN = {"run": {"name": "e2e"}, "model": {"name": "tiny-random-llama", "max_length": 256, "precision": "fp32"},
        "train": {"local_steps": 3, "batch_size": 8, "learning_rate": 0.01, "threads": 1},
-       "data": {"max_eval_examples": 8}, "federation": {"clients": 4, "rounds": 2, "round_timeout": 600.0, "min_clients": 3},
+       "data": {"max_eval_examples": 8}, "federation": {"clients": 4, "rounds": 2, "round_timeout": 600.0, "min_clients": 3,
+                                                     "stage_timeout": 20.0},
        "secagg": {"enabled": True}}
 
 
@@ -62,7 +63,12 @@ def test_deployment_survives_a_killed_client_and_turns_away_strangers(federation
     victim_ledger = fed.root / "state" / VICTIM / "runs" / run_dir.name / "clients" / VICTIM / "ledger.jsonl"
     wait_for(lambda: any(e.get("round") == 2 and e["type"] == "spend" for e in read_jsonl(victim_ledger)),
              900, f"{VICTIM} to spend on round 2")
-    fed.kill(VICTIM)  # mid-round: its spend is on disk, its masked update may not have left
+    # Killed at a fixed point: its spend is on disk and its masked update whole at the SuperLink
+    # (its SuperNode logged the reply to round 2's collect as sent), so the round waits one key
+    # stage for it (stage_timeout), never a lapse that depends on where the kill lands.
+    wait_for(lambda: _sent_after(fed.log(VICTIM), "fedtune: collect message", 2), 300,
+             f"{VICTIM}'s masked update of round 2 to leave", step=0.05)
+    fed.kill(VICTIM)
     wait_for(lambda: runner.poll() is not None, 900, "the run to end")
     assert runner.returncode == 0, fed.log("run") + fed.log("server")[-3000:]
     assert plain.poll() is None or plain.returncode != 0  # still knocking, or gave up: never joined
@@ -75,7 +81,9 @@ def test_deployment_survives_a_killed_client_and_turns_away_strangers(federation
     assert all(train[(2, c)]["status"] == "ok" for c in NAMES if c != VICTIM)
     round2 = next(r for r in rows if r["phase"] == "round" and r["round"] == 2)
     assert not round2["secagg-aborted"]
-    assert round2["secagg-included"] == (3 if train[(2, VICTIM)]["status"] == "failed" else 4)
+    assert round2["secagg-included"] == 4 and train[(2, VICTIM)]["status"] == "ok"  # its input is in the sum
+    assert round2["secagg-dropped"] == [VICTIM]  # it missed a later stage; the survivors unmasked without it
+    assert VICTIM not in {r["client"] for r in rows if r["phase"] == "evaluate" and r["round"] == 2}
     assert (run_dir / "adapters" / "round-002" / "adapter_model.safetensors").exists()
 
     # The ledgers stayed on the clients; for the audit each operator hands over its ledger.
@@ -86,3 +94,9 @@ def test_deployment_survives_a_killed_client_and_turns_away_strangers(federation
     audit = subprocess.run(cli("audit", str(run_dir), "--verify"), capture_output=True, text=True, env=fed.env,
                            timeout=300)
     assert audit.returncode == 0 and "verification passed" in audit.stdout, audit.stdout + audit.stderr
+
+
+def _sent_after(log: str, line: str, nth: int) -> bool:
+    """Whether the SuperNode logged a reply as sent after the ``nth`` occurrence of ``line``."""
+    parts = log.split(line)
+    return len(parts) > nth and "Sent successfully" in parts[nth]

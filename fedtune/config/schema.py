@@ -133,6 +133,7 @@ class FederationSection:
     clients_per_round: int = 0  # 0 = all clients every round
     min_clients: int = 0  # fewest clients that must train in a round, else the run fails; 0 = all selected
     round_timeout: float = 3600.0  # seconds to wait for replies
+    stage_timeout: float = 60.0  # seconds to wait in a SecAgg+ key stage (all but collect: no training)
     aggregation: str = "fedavg"  # fedavg (A, B averaged apart) | ffa (A frozen, B sent) | fedsa (A sent, B local)
     server_optimizer: str = "none"  # none | avgm | adam | yogi, applied to the averaged update
     server_lr: float = 0.0  # 0 = Flower's default for the optimizer (avgm 1.0, adam 0.1, yogi 0.01)

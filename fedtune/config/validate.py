@@ -170,6 +170,8 @@ def _federation(cfg: Config) -> None:
     _check(0 <= f.min_clients <= cfg.num_clients, f"federation.min_clients must be in 0..{cfg.num_clients} (got "
            f"{f.min_clients}); 0 = every client selected for the round")
     _check(f.round_timeout > 0, "federation.round_timeout must be > 0 seconds")
+    _check(f.stage_timeout > 0, f"federation.stage_timeout must be > 0 seconds (got {f.stage_timeout}); it bounds each "
+           "SecAgg+ key stage, 60 s by default")
     _check(f.server_lr >= 0 and math.isfinite(f.server_lr), f"federation.server_lr must be >= 0 (got {f.server_lr}); 0 = default")
     _check(0 <= f.server_momentum < 1, f"federation.server_momentum must be in [0, 1) (got {f.server_momentum})")
     _check(0 <= f.server_beta2 < 1, f"federation.server_beta2 must be in [0, 1) (got {f.server_beta2})")

@@ -1,6 +1,6 @@
 """The server's side of SecAgg+ on Flower's Message API: one secure training round.
 
-Each stage is one round trip of TRAIN messages through ``Grid.send_and_receive``; the message
+Each stage is one round trip of TRAIN messages (fedtune.exchange: Flower's grid); the message
 config names it under ``secagg-stage`` (the stages: flower.py). The server learns
 Σ w_i·Δ_i and Σ w_i of the clients whose inputs are in the sum, never one client's update
 or example count.
@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common.logger import log
 
+from fedtune import exchange
 from fedtune.errors import FedtuneError
 from fedtune.secagg import coin, identity
 from fedtune.secagg.roster import KEYS_ENV
@@ -47,7 +48,7 @@ class SecureRound:
 def _send(grid, requests: dict[int, RecordDict], timeout: float) -> tuple[dict[int, Message], dict[int, str]]:
     messages = [Message(content, dst_node_id=node, message_type=MessageType.TRAIN) for node, content in requests.items()]
     ok, failed = {}, {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in exchange.send_and_receive(grid, messages, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             failed[node] = (reply.error.reason or "error").strip().splitlines()[-1][:300]
@@ -79,17 +80,20 @@ def _bytes_of(msg: Message) -> int:
 
 
 class _Stages:
-    """Sends one protocol stage to nodes and records drops, upload and time in ``out``."""
+    """Sends one protocol stage to nodes and records drops, upload and time in ``out``.
+    Collect (training) waits up to ``timeout``; the key stages, which train nothing, up to
+    ``stage_timeout`` (a client dead since collect costs that, not Flower's 60 s heartbeat lapse)."""
 
-    def __init__(self, grid, timeout: float, server_round: int, out: SecureRound):
+    def __init__(self, grid, timeout: float, server_round: int, out: SecureRound, stage_timeout: float | None = None):
         self.grid, self.timeout, self.round, self.out = grid, timeout, server_round, out
+        self.stage_timeout = timeout if stage_timeout is None else min(timeout, stage_timeout)
 
     def config(self, name: str, msg: dict[str, Any], **extra: Any) -> ConfigRecord:
         return to_record(msg, **{STAGE: str(name), "server-round": self.round, **extra})
 
     def send(self, name: str, requests: dict[int, RecordDict]) -> dict[int, Message]:
         t0 = time.perf_counter()
-        ok, failed = _send(self.grid, requests, self.timeout)
+        ok, failed = _send(self.grid, requests, self.timeout if name == Stage.COLLECT else self.stage_timeout)
         self.out.seconds[str(name)] = time.perf_counter() - t0
         for node, reason in failed.items():
             self.out.lost.setdefault(node, f"dropped in stage '{name}': {reason}")
@@ -155,7 +159,7 @@ def _turn_away(roster: dict[int, bytes], cap: int, out: SecureRound) -> None:
 def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
                  degree: int, threshold: int, timeout: float,
                  before_unmask: Callable[[list[int]], str] | None = None, min_inputs: int = 3,
-                 admit: Admit | None = None) -> SecureRound:
+                 admit: Admit | None = None, stage_timeout: float | None = None) -> SecureRound:
     """One training round of ``nodes`` under SecAgg+ secure against a malicious server;
     never raises for a client's fault.
 
@@ -170,7 +174,7 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
     params = SecAggParams(field_bits=coder.field_bits, length=coder.length(sum(v.size for v in old.values())),
                           degree=degree, threshold=threshold or None, round=server_round, min_inputs=min_inputs)
     out = SecureRound(arrays=None, included=[])
-    stages = _Stages(grid, timeout, server_round, out)
+    stages = _Stages(grid, timeout, server_round, out, stage_timeout)
     try:
         server_seed = os.urandom(32)  # committed to before any node replies (coin.py)
         roster, commits = _identify(stages, nodes, admit, coin.commit(server_seed))

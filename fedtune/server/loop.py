@@ -19,7 +19,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedtune import config as config_mod
-from fedtune import receipts
+from fedtune import exchange, receipts
 from fedtune.aggregation import shared
 from fedtune.floor import check_floor, known_names
 from fedtune.model import resolve_model, save_adapter
@@ -109,12 +109,15 @@ def prepare(grid: Grid, cfg: config_mod.Config, run_dir: Path, label: str) -> Se
     return ServerRun(grid, cfg, run_dir, model_path, initial, strategy, opt, arrays, label, ledger, plan, ddg)
 
 
-def evaluate(r: ServerRun, round_: int) -> dict:
-    """Federated evaluation of the global adapter; one row per client in metrics.jsonl."""
+def evaluate(r: ServerRun, round_: int, skip: frozenset[int] = frozenset()) -> dict:
+    """Federated evaluation of the global adapter; one row per client in metrics.jsonl.
+    Nodes in ``skip`` (they missed a stage of this round's secure aggregation) are not asked: one
+    killed a moment ago still counts as connected until Flower's 60 s heartbeat lapses."""
     r.progress(round_, "evaluate")
     t0 = time.perf_counter()
-    replies = r.grid.send_and_receive(r.strategy.configure_evaluate(round_, r.arrays, ConfigRecord(), r.grid),
-                                      timeout=r.cfg.federation.round_timeout)
+    asked = [m for m in r.strategy.configure_evaluate(round_, r.arrays, ConfigRecord(), r.grid)
+             if m.metadata.dst_node_id not in skip]
+    replies = exchange.send_and_receive(r.grid, asked, r.cfg.federation.round_timeout)
     pooled = r.strategy.aggregate_evaluate(round_, replies)
     for o in r.strategy.outcomes:
         append_jsonl(r.metrics_file, receipts.row({"round": round_, "phase": "evaluate", "client": o.client,
@@ -147,7 +150,8 @@ def train_round(r: ServerRun, round_: int) -> bool:
         r.label = f"round-{round_:03d}"
         save_adapter(adapter_dir(r.run_dir, r.label), r.full(r.arrays), r.cfg, r.model_path)
         resume.save_optimizer(r.run_dir, r.label, r.opt)
-    pooled = evaluate(r, round_)
+    dropped = set(secure_info.get("secagg-dropped", ()))
+    pooled = evaluate(r, round_, frozenset(o.node for o in outcomes if o.client in dropped))
     counts = {s: sum(o.status == s for o in outcomes) for s in ("ok", "refused", "failed", "rejected")}
     # Last: this row marks the round completed (fedtune.server.resume).
     append_jsonl(r.metrics_file, {"round": round_, "phase": "round", "adapter": r.label, "time": now(),
@@ -168,5 +172,5 @@ def aggregate(r: ServerRun, round_: int):
         spend = (budget.distributed_spend(r.ledger, r.plan, r.ddg, round_, len(r.strategy.sampled))
                  if r.ddg is not None else None)
         return secure_round(r.grid, r.cfg, round_, r.arrays, messages, timeout, r.strategy, r.ddg, spend)
-    new_arrays, _ = r.strategy.aggregate_train(round_, r.grid.send_and_receive(messages, timeout=timeout))
+    new_arrays, _ = r.strategy.aggregate_train(round_, exchange.send_and_receive(r.grid, messages, timeout))
     return new_arrays, list(r.strategy.outcomes), {}

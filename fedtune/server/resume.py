@@ -42,8 +42,8 @@ INTERRUPTED = "metrics-interrupted.jsonl"
 OPTIMIZER_FILE = "server_optimizer.safetensors"  # in the round's adapter folder
 ADAPTER_FILE = "adapter_model.safetensors"
 # Keys a resumed run may change: how long to wait, where to compute, how many more rounds.
-MAY_CHANGE = ("run.name", "run.dir", "run.output", "federation.rounds", "federation.round_timeout", "train.threads",
-              "model.device", "model.cache_dir", "train.memory_budget_mb")
+MAY_CHANGE = ("run.name", "run.dir", "run.output", "federation.rounds", "federation.round_timeout",
+              "federation.stage_timeout", "train.threads", "model.device", "model.cache_dir", "train.memory_budget_mb")
 
 
 def _metric_lines(run_dir: Path) -> list[tuple[bytes, dict]]:

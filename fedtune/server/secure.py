@@ -19,7 +19,8 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
     nodes = sorted(m.metadata.dst_node_id for m in messages)
     g = cfg.secagg
     sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes), ddg=ddg),
-                       g.degree, g.threshold, timeout, before_unmask, min_inputs=g.min_inputs, admit=registered_check())
+                       g.degree, g.threshold, timeout, before_unmask, min_inputs=g.min_inputs, admit=registered_check(),
+                       stage_timeout=cfg.federation.stage_timeout)
     outcomes = []
     for node in nodes:
         reply = sec.replies.get(node)
@@ -38,6 +39,8 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
             outcome = Outcome(node, name, "failed", metrics, sec.lost.get(node, "not in the secure sum"))
         outcome.metrics["secagg-upload-bytes"] = sec.upload_bytes.get(node, 0)
         outcomes.append(outcome)
+    # Every node that missed a stage or was turned away, by name (also those whose input is in the sum).
     info = {"secagg-included": len(sec.included), "secagg-aborted": sec.aborted,
+            "secagg-dropped": sorted(strategy.names.get(n, f"node-{n}") for n in sec.lost),
             **{f"secagg-{k}-seconds": v for k, v in sec.seconds.items()}}
     return sec.arrays, outcomes, info
