@@ -1,6 +1,6 @@
 """The deployment end-to-end test, timed side by side: SuperLink + 4 SuperNodes (TLS,
 authentication), SecAgg+, 2 rounds on the tiny model, a client killed in round 2
-(tests/test_deploy_e2e.py), at an older commit and at this tree, alternating.
+(tests/deploy/test_deploy_e2e.py), at an older commit and at this tree, alternating.
 
 Each run is that test alone under pytest, as CI runs it, with the tree's own PYTHONPATH and
 this venv: its wall time, each round's seconds (and round 2's SecAgg+ stage seconds) from the
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TEST = "tests/test_deploy_e2e.py"
+TEST = "tests/deploy/test_deploy_e2e.py"  # tests/test_deploy_e2e.py in trees before tests/ had folders
 OLD = "b7dcb04"  # the commit before the long-lived client worker (git log -- fedtune/deploy/worker.py)
 
 
@@ -47,12 +47,17 @@ def rounds_of(basetemp: Path) -> list[dict]:
     return []
 
 
+def _test_of(tree: Path) -> str:
+    return TEST if (tree / TEST).is_file() else "tests/test_deploy_e2e.py"
+
+
 def run_once(tree: Path, label: str, basetemp: Path) -> dict:
     """One pytest run of the tree's own e2e test: wall time, outcome, rounds, load."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     others = machine_state()["busiest"][:3]  # what else ran as this run started
     load_before, t0 = os.getloadavg(), time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST, f"--basetemp={basetemp}"],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", _test_of(tree),
+                          f"--basetemp={basetemp}"],
                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
     wall, load_after = time.monotonic() - t0, os.getloadavg()
     out = {"tree": label, "passed": res.returncode == 0, "wall_seconds": round(wall, 1), "rounds": rounds_of(basetemp),

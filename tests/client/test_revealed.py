@@ -14,8 +14,8 @@ from fedtune.privacy import Ledger
 from fedtune.revealed import REVEALED_UNDER_DP
 from fedtune.runfolder import ledger_path
 from tests.conftest import tiny_config
-from tests.test_client import _context, _message, initial  # noqa: F401  (fixture)
-from tests.test_secagg_flower import NODES, Grid, _secure
+from tests.client.test_client import _context, _message, initial  # noqa: F401  (fixture)
+from tests.secagg.test_secagg_flower import NODES, Grid, _secure
 
 
 @pytest.mark.parametrize("reveal", [False, True])

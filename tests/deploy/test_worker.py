@@ -22,8 +22,8 @@ from fedtune.privacy import Ledger
 from fedtune.runfolder import ledger_path
 from tests.conftest import ROOT
 from tests.deployment import write_data
-from tests.test_client import initial  # noqa: F401 - fixture
-from tests.test_deploy import _context_of, _deployed, _error, _rewrite, _rows, fed  # noqa: F401 - fixture
+from tests.client.test_client import initial  # noqa: F401 - fixture
+from tests.deploy.test_deploy import _context_of, _deployed, _error, _rewrite, _rows, fed  # noqa: F401 - fixture
 
 EVIL = "import pathlib; pathlib.Path({marker!r}).write_text('the app package ran on the client')\n"
 

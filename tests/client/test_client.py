@@ -111,7 +111,7 @@ from fedtune.client import handle_train
 from fedtune import config
 from fedtune.server import initial_adapter
 from flwr.supercore.task_identity import TaskIdentity
-from tests.test_client import _context, _message
+from tests.client.test_client import _context, _message
 
 TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
 cfg = config.load(sys.argv[1])

@@ -13,7 +13,7 @@ from fedtune.secagg import SecAggAborted, SecAggClient, SecAggParams, SecAggServ
 from fedtune.secagg.flower import Encoding, secure_train
 from fedtune.server import initial_adapter
 from tests.conftest import secagg_collect, tiny_config
-from tests.test_secagg_flower import NODES, Grid, _close, _plain_average
+from tests.secagg.test_secagg_flower import NODES, Grid, _close, _plain_average
 
 
 def _core_round(real: dict[int, bool], min_inputs: int):
@@ -121,7 +121,7 @@ def test_a_ddg_round_with_one_refusal_completes_with_its_noise_in_the_sum(tmp_pa
     Now the refuser masks zero plus its own noise: the sum with it minus the sum without it is
     exactly that noise, and the spend counts 4 clients' noise."""
     from fedtune.client.setup import reproducible_seed, setup
-    from tests.test_distributed_dp import _ddg_cfg, _ddg_round
+    from tests.privacy.test_distributed_dp import _ddg_cfg, _ddg_round
 
     refuser = NODES[3]
     cfg = _ddg_cfg(tmp_path, "ddg", min_clients=4)

@@ -64,7 +64,7 @@ def test_a_client_left_on_auto_trains_with_its_choice_and_the_ledger_says_why(tm
     from fedtune.report import train_choice_lines
     from fedtune.runfolder import ledger_path
     from fedtune.server import initial_adapter
-    from tests.test_client import _context, _message
+    from tests.client.test_client import _context, _message
 
     cfg = tiny_config(run={"dir": str(tmp_path)}, train={"batch_size": 0, "learning_rate": 0.0, "local_steps": 0})
     reply = handle_train(_message(initial_adapter(cfg, tiny_path), 1), _context(cfg))

@@ -14,7 +14,7 @@ from fedtune.runfolder import kept_adapter_path
 from fedtune.server import initial_adapter
 from fedtune.server.strategy import AdapterFedAvg
 from tests.conftest import tiny_config
-from tests.test_client import _context, _message
+from tests.client.test_client import _context, _message
 
 R, D_IN, D_OUT = 4, 6, 5
 A_KEY, B_KEY = "layer.lora_A.weight", "layer.lora_B.weight"
@@ -126,7 +126,7 @@ def test_ffa_trains_and_sends_only_lora_B(tmp_path, task_identity, initial):
 
 
 def test_ffa_under_secure_aggregation_sums_only_lora_B(tmp_path, task_identity, initial):
-    from tests.test_secagg_flower import NODES, Grid, _cfg, _close, _plain_average, _secure
+    from tests.secagg.test_secagg_flower import NODES, Grid, _cfg, _close, _plain_average, _secure
 
     sent = shared("ffa", initial)
     change = {"federation": {"aggregation": "ffa"}, "train": {"local_steps": 1}}

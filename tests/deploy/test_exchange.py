@@ -127,12 +127,12 @@ def test_a_pull_that_hangs_does_not_hold_the_deadline(task_identity):
 
 
 def test_key_stages_wait_the_stage_timeout_and_collect_the_round_timeout(tmp_path, initial, task_identity):
-    """The real secure round over the in-process grid of tests/test_secagg_flower.py, one client
+    """The real secure round over the in-process grid of tests/secagg/test_secagg_flower.py, one client
     silent from consistency on (killed after its masked update arrived): every key stage is
     sent with federation.stage_timeout, collect (training) with the round's timeout, and the
     silent client is dropped while its input stays in the sum."""
     from fedtune.secagg.flower import Encoding, secure_train
-    from tests.test_secagg_flower import NODES, Grid, _cfg
+    from tests.secagg.test_secagg_flower import NODES, Grid, _cfg
 
     class Timed(Grid):
         def send_and_receive(self, messages, timeout=None):

@@ -119,7 +119,7 @@ def test_the_encoded_sum_decodes_to_the_sum_plus_the_clients_noise():
 # ---- through Flower messages, with real clients --------------------------------------------
 def _ddg_cfg(tmp_path, name, **client_dp):
     from tests.conftest import tiny_config
-    from tests.test_secagg_flower import NODES
+    from tests.secagg.test_secagg_flower import NODES
 
     return tiny_config(run={"dir": str(tmp_path / name)}, privacy={"seed": 5}, federation={"clients": len(NODES)},
                        secagg={"enabled": True}, client_dp={"enabled": True, "epsilon": 4.0, **client_dp})
@@ -130,7 +130,7 @@ def _ddg_round(cfg, run_dir, grid, initial):
 
     from fedtune.secagg.flower import Encoding, secure_train
     from fedtune.server.budget import distributed_spend, server_plan
-    from tests.test_secagg_flower import NODES
+    from tests.secagg.test_secagg_flower import NODES
 
     dim = sum(v.numel() for v in initial.values())
     ledger, plan, dplan = server_plan(cfg, run_dir, dim)
@@ -144,7 +144,7 @@ def _ddg_round(cfg, run_dir, grid, initial):
 def test_a_dropout_is_accounted_with_the_noise_actually_in_the_sum(tmp_path, task_identity, min_clients):
     from fedtune.model import resolve_model
     from fedtune.server import initial_adapter
-    from tests.test_secagg_flower import NODES, Grid
+    from tests.secagg.test_secagg_flower import NODES, Grid
 
     cfg = _ddg_cfg(tmp_path, "ddg", min_clients=min_clients)
     run_dir = tmp_path / "ddg"
@@ -172,7 +172,7 @@ def _round_with_a_cheat(tmp_path, cheat, plan_for_cheat):
     from fedtune.model import resolve_model
     from fedtune.secagg.flower import ENCODING, Encoding
     from fedtune.server import initial_adapter
-    from tests.test_secagg_flower import Grid
+    from tests.secagg.test_secagg_flower import Grid
 
     cfg = _ddg_cfg(tmp_path, "ddg", min_clients=3)
 
@@ -192,7 +192,7 @@ def _round_with_a_cheat(tmp_path, cheat, plan_for_cheat):
 
 
 def test_a_client_refuses_a_server_that_asks_for_less_noise(tmp_path, task_identity):
-    from tests.test_secagg_flower import NODES
+    from tests.secagg.test_secagg_flower import NODES
 
     cheat = NODES[2]
     sec, _, _, _ = _round_with_a_cheat(
@@ -207,7 +207,7 @@ def test_a_client_refuses_at_collect_a_plan_for_another_adapter_size(tmp_path, t
     from fedtune.data import client_name
     from fedtune.privacy import Ledger
     from fedtune.runfolder import ledger_path, run_dir_for
-    from tests.test_secagg_flower import NODES
+    from tests.secagg.test_secagg_flower import NODES
 
     cheat = NODES[2]  # gets a self-consistent plan, but for a larger adapter
     sec, grid, initial, cfg = _round_with_a_cheat(tmp_path, cheat, lambda cfg, asked: ddg.plan_for(cfg, asked.dim + 8))

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 from fedtune import release
 from fedtune.runfolder import release_path
 from fedtune.secagg import SecAggClient, SecAggError, SecAggParams, SecAggServer, identity
-from tests.test_secagg_flower import NODES, Grid, _cfg, initial  # noqa: F401 (fixture)
+from tests.secagg.test_secagg_flower import NODES, Grid, _cfg, initial  # noqa: F401 (fixture)
 
 M, LENGTH = 20, 16
 

@@ -16,7 +16,7 @@ from fedtune.privacy import Ledger
 from fedtune.runfolder import ledger_path
 from fedtune.secagg import coin
 from fedtune.secagg.flower import from_record, to_record
-from tests.test_secagg_flower import NODES, Grid, _cfg, _secure, initial  # noqa: F401 (fixture)
+from tests.secagg.test_secagg_flower import NODES, Grid, _cfg, _secure, initial  # noqa: F401 (fixture)
 
 
 def _rewrite(msg: Message, node: int, change) -> Message:

@@ -14,8 +14,8 @@ from fedtune.privacy import Ledger, epsilon, epsilon_independent, make_plan
 from fedtune.privacy.user_level import PersonSampler
 from fedtune.runfolder import ledger_path
 from fedtune.train import DPParams, forward_logits, per_sequence_loss, train_round
-from tests.test_client import _context, _message, initial  # noqa: F401  (fixture)
-from tests.test_user_data import people_file, user_config
+from tests.client.test_client import _context, _message, initial  # noqa: F401  (fixture)
+from tests.privacy.test_user_data import people_file, user_config
 
 CPU = torch.device("cpu")
 
@@ -193,7 +193,7 @@ def test_a_lifetime_budget_spent_per_record_is_not_reused_for_people(tmp_path, t
     from fedtune.server import initial_adapter
     from tests.conftest import tiny_config
     from tests.deployment import _toml
-    from tests.test_lifetime import _train
+    from tests.deploy.test_lifetime import _train
 
     people_file(tmp_path, name="visits.jsonl")
     toml = tmp_path / "client.toml"

@@ -20,7 +20,7 @@ import numpy as np
 from fedtune.secagg import SecAggAborted, SecAggClient, SecAggError, SecAggParams, SecAggServer, Stage, crypto, identity
 from fedtune.secagg.protocol import pair_mask, self_mask, sign
 from tests.conftest import secagg_collect
-from tests.test_secagg_malicious import Round
+from tests.secagg.test_secagg_malicious import Round
 
 N, M = 22, 24
 

@@ -14,7 +14,7 @@ from fedtune import config
 from fedtune.floor import RoundFailed
 from fedtune.privacy import Ledger
 from fedtune.runfolder import ledger_path, read_json, read_jsonl
-from tests.test_resume import NODES, Grid, _cfg, _serve
+from tests.server.test_resume import NODES, Grid, _cfg, _serve
 
 OOM = "DefaultCPUAllocator: not enough memory: you tried to allocate 4294967296 bytes"
 

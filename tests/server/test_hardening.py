@@ -16,7 +16,7 @@ from fedtune import names, runfolder
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import adapter_dir, atomic_write_bytes, client_dir, ledger_path
 from fedtune.server.strategy import MAX_METRICS, check_update
-from tests.test_strategy import TEMPLATE, _arrays, _record, _reply, _update
+from tests.server.test_strategy import TEMPLATE, _arrays, _record, _reply, _update
 
 EVIL = ["../../etc", "..", ".", "/abs", "a/b", ".hidden", "", "x" * 65, "a\nb", None, 7]
 

@@ -12,8 +12,8 @@ from fedtune.privacy import Ledger
 from fedtune.privacy.audit import run_audit
 from fedtune.privacy.ledger import entry_hash
 from fedtune.runfolder import ledger_path
-from tests.test_resume import Grid, _serve
-from tests.test_user_data import people_file, user_config
+from tests.server.test_resume import Grid, _serve
+from tests.privacy.test_user_data import people_file, user_config
 
 PERSON = "one person: every record with the same patient at this client"
 

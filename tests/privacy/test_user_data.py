@@ -11,7 +11,7 @@ from fedtune import config
 from fedtune.data import client_data, client_examples, export_clients
 from fedtune.errors import FedtuneError
 from tests.conftest import tiny_config as _tiny
-from tests.test_deploy import fed  # noqa: F401  (fixture)
+from tests.deploy.test_deploy import fed  # noqa: F401  (fixture)
 
 
 def people_file(tmp_path, people: int = 30, name: str = "people.jsonl", **override) -> str:
@@ -153,7 +153,7 @@ def test_bad_person_input_is_one_line_exit_2_and_trains_nothing(tmp_path, extra,
 def test_a_deployed_clients_person_column_is_checked_at_start(fed, capsys):  # noqa: F811
     """The operator's client.user_field: a column the data file lacks, or a record without a
     person, stops `fedtune client start` with one line naming it, before any SuperNode runs."""
-    from tests.test_deploy import _error, _rewrite
+    from tests.deploy.test_deploy import _error, _rewrite
 
     root, _, client = fed
     (root / "data" / "clinic-a.jsonl").write_text('{"text": "a", "patient": "p1"}\n{"text": "b", "patient": null}\n')

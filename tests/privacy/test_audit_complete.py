@@ -2,7 +2,7 @@
 received, checked against the clients' ledgers. Written as the attacker: a client that
 sends a metric named ``round``, a reply stripped of its ledger head, a ledger whose last
 spend line was deleted, a deleted ledger. One real run (real ServerApp main, real
-ClientApp handlers, tiny Llama) over the in-memory grid of tests/test_resume.py."""
+ClientApp handlers, tiny Llama) over the in-memory grid of tests/server/test_resume.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fedtune.cli import main as cli_main
 from fedtune.privacy.audit import run_audit
 from fedtune.receipts import receipts_path
 from fedtune.runfolder import ledger_path, read_jsonl
-from tests.test_resume import Grid, _cfg, _serve
+from tests.server.test_resume import Grid, _cfg, _serve
 
 LIAR, HEADLESS, HONEST = "client-0", "client-1", "client-2"
 

@@ -1,0 +1,1 @@
+"""Tests of the client: one local round, its policy, memory, personalization."""

@@ -1,0 +1,1 @@
+"""Tests of deployment: start-up checks, the worker, SuperLink and SuperNodes."""

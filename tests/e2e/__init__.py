@@ -1,0 +1,1 @@
+"""End-to-end runs: the simulation engine, parity with deployment, interrupted runs."""

@@ -1,0 +1,1 @@
+"""Tests of the privacy mechanisms, accounting, ledgers and the audit."""

@@ -1,0 +1,1 @@
+"""Tests of SecAgg+, honest and against a lying server."""

@@ -1,0 +1,1 @@
+"""Tests of the server: strategy, aggregation, resume, hostile replies."""
