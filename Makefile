@@ -26,14 +26,16 @@ demo: install
 	$(BIN)/fedtune simulate simulations/default.toml
 
 # Two workers (pytest-xdist); each test file stays on one worker, so a module's shared
-# simulation runs once. `make test-fast` leaves out the end-to-end runs (marked slow).
+# simulation runs once; files go out in collection order, the longest first (tests/conftest.py).
+# `make test-fast` leaves out the end-to-end runs (marked slow).
 PYTEST_WORKERS ?= 2
+PYTEST_ARGS := -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 test: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not manual"
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not manual"
 
 test-fast: install
-	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow and not manual"
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m "not slow and not manual"
 
 bench: install
 	$(BIN)/python benchmarks/bench_step.py

@@ -19,6 +19,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The longest test files, longest first: `make test` hands files to its two workers in
+# collection order (--no-loadscope-reorder), so these start at once and the short ones fill
+# in around them, instead of a long one starting last and running alone.
+LONGEST_FIRST = ("test_memorization_", "test_user_run", "test_simulation", "test_deploy_restart",
+                 "test_deploy_e2e", "test_parity_e2e", "test_personalize_e2e")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+
+    def rank(item) -> tuple[int, int]:  # per file, so that a file's tests stay together
+        first = [i for i, prefix in enumerate(LONGEST_FIRST) if item.path.stem.startswith(prefix)]
+        return (first[0] if first else len(LONGEST_FIRST), 0 if item.path in slow_files else 1)
+
+    items.sort(key=rank)  # stable: within a rank, the collection order
+
+
 def pytest_configure(config):
     from tests.processes import install
 
