@@ -119,7 +119,7 @@ def sequence_losses(model, tokenizer, texts: list[str], device, amp_dtype, batch
 
 
 @torch.no_grad()
-def secret_exposure(model, tokenizer, prefix: str, digits: str, device, amp_dtype, batch_size: int = 500) -> dict:
+def secret_exposure(model, tokenizer, prefix: str, digits: str, device, amp_dtype, batch_size: int = 250) -> dict:
     """Rank of ``digits`` among all same-length digit strings after ``prefix``, and exposure."""
     digit_ids = [tokenizer(str(k), add_special_tokens=False)["input_ids"] for k in range(10)]
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
@@ -135,33 +135,36 @@ def secret_exposure(model, tokenizer, prefix: str, digits: str, device, amp_dtyp
             "max_exposure_bits": math.log2(space)}
 
 
+@torch.no_grad()
 def candidate_log_likelihoods(model, prefix_ids: list[int], digit_ids: list[int], length: int, device, amp_dtype,
                               batch_size: int) -> torch.Tensor:
     """log p(candidate | prefix) for every digit string of ``length``, in numeric order.
 
-    The prefix runs once per chunk (its key/value cache repeated over the chunk's rows); each
-    candidate's first ``length - 1`` digits then run on top of it, and the logits at every
-    position give each next digit's probability: one pass instead of one per digit position."""
+    Only the 10^(length-1) strings of the first ``length - 1`` digits are run, on top of the
+    prefix's key/value cache (computed once per chunk, repeated over its rows): the logits at
+    each position give the next digit's probability, the last position all 10 final digits.
+    That is length-1 tokens per 10 candidates instead of a forward per digit position."""
     digits = torch.tensor(digit_ids)
-    codes = torch.arange(10 ** length)
-    places = torch.stack([(codes // 10 ** (length - 1 - k)) % 10 for k in range(length)], dim=1)  # (N, length)
+    heads = torch.arange(10 ** (length - 1))
+    places = (torch.stack([(heads // 10 ** (length - 2 - k)) % 10 for k in range(length - 1)], dim=1)
+              if length > 1 else torch.zeros((1, 0), dtype=torch.long))  # (M, L-1)
     prefix = torch.tensor([prefix_ids], device=device)
     out = []
     for chunk in places.split(batch_size):
+        n = len(chunk)
         with autocast(device, amp_dtype):
             first = model(prefix, attention_mask=torch.ones_like(prefix), use_cache=True)
-            steps = [first.logits[:, -1].float().expand(len(chunk), -1)]
+            steps = [first.logits[:, -1].float().expand(n, -1)]
             if length > 1:
                 cache = first.past_key_values
-                cache.batch_repeat_interleave(len(chunk))
-                ids = digits[chunk[:, :-1]].to(device)
-                pos = torch.arange(prefix.shape[1], prefix.shape[1] + length - 1, device=device).expand(len(chunk), -1)
-                mask = torch.ones((len(chunk), prefix.shape[1] + length - 1), dtype=torch.long, device=device)
-                later = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(n)
+                pos = torch.arange(prefix.shape[1], prefix.shape[1] + length - 1, device=device).expand(n, -1)
+                mask = torch.ones((n, prefix.shape[1] + length - 1), dtype=torch.long, device=device)
+                later = model(digits[chunk].to(device), attention_mask=mask, position_ids=pos, past_key_values=cache)
                 steps += list(later.logits.float().unbind(1))
-        logp = torch.stack([F.log_softmax(s_, dim=-1)[:, digits.to(device)] for s_ in steps], dim=1)  # (n, length, 10)
-        picked = logp.gather(2, chunk.to(device).unsqueeze(2)).squeeze(2)
-        out.append(picked.double().sum(1).cpu())
+        logp = torch.stack([F.log_softmax(s_, dim=-1)[:, digits.to(device)] for s_ in steps], dim=1)  # (n, L, 10)
+        path = logp[:, :-1].gather(2, chunk.to(device).unsqueeze(2)).squeeze(2).double().sum(1)  # first L-1 digits
+        out.append((path[:, None] + logp[:, -1].double()).reshape(-1).cpu())  # x 10 last digits, numeric order
     return torch.cat(out)
 
 
