@@ -122,7 +122,7 @@ def main() -> None:
         path.write_text(json.dumps(results, indent=2, allow_nan=True) + "\n")
     elif not args.report_only:
         for point in args.point:
-            name, overrides = parse_point(point)
+            name, overrides = parse_point(point) if "=" in point else (point, {})  # a bare name: no overrides
             for eps in args.epsilons:
                 for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
                     load = os.getloadavg()[0]

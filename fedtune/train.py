@@ -104,8 +104,10 @@ def _batches(data: TokenizedData, steps: int, batch_size: int, dp: DPParams | No
         order = order[batch_size:]
 
 
-def _record_pieces(indices, physical_batch_size: int) -> tuple[list[list[int]], None]:
-    indices = [int(i) for i in indices]
+def _record_pieces(indices, physical_batch_size: int, data: TokenizedData) -> tuple[list[list[int]], None]:
+    """The step's examples in physical batches of similar length (each pads to its longest);
+    the step's update is their sum, so the split changes nothing but the padding."""
+    indices = sorted((int(i) for i in indices), key=lambda i: len(data.ids[i]))
     chunk = physical_batch_size or max(1, len(indices))
     return [indices[i:i + chunk] for i in range(0, len(indices), chunk)] or [[]], None
 
@@ -132,7 +134,7 @@ def train_round(
         batches = (_batches(data, steps, batch_size, dp, sampling_generator) if people is None
                    else people.steps(steps, sampling_generator))
         for step, indices in enumerate(batches):
-            pieces, sizes = (_record_pieces(indices, physical_batch_size) if people is None
+            pieces, sizes = (_record_pieces(indices, physical_batch_size, data) if people is None
                              else people.pieces(indices, physical_batch_size))
             if not pieces[0]:
                 empty += 1

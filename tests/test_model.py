@@ -61,12 +61,19 @@ def test_lora_targets_that_do_not_exist_are_a_clear_error(tiny_path):
         M.add_lora(M.load_base_model(tiny_path, torch.device("cpu")), cfg, seed=0)
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [
+    (False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)])
+def test_precision_auto_follows_the_cpu(monkeypatch, amx, avx512_bf16, expected):
+    """auto: bf16 only on CPUs that multiply bf16 in hardware; fp32 elsewhere."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert M.resolve_precision("auto", torch.device("cpu")) is expected
+
+
 def test_precision_auto_and_device_choice():
     cpu = torch.device("cpu")
     assert M.resolve_precision("fp32", cpu) is None
     assert M.resolve_precision("bf16", cpu) is torch.bfloat16
-    expected = torch.bfloat16 if torch.cpu._is_amx_tile_supported() else None
-    assert M.resolve_precision("auto", cpu) is expected
     assert M.resolve_device("cpu") == cpu
     if not torch.cuda.is_available():
         assert M.resolve_device("auto") == cpu

@@ -67,3 +67,20 @@ def test_a_split_batch_gives_the_same_update(tiny_lora, dp):
                     noise_generator=torch.Generator().manual_seed(1), physical_batch_size=chunk)
         results.append(torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad]))
     assert ((results[1] - results[0]).norm() / results[0].norm()).item() < 1e-5
+
+
+def test_physical_batches_group_similar_lengths(tiny_lora):
+    """Each physical batch pads to its longest example: the step's examples go into
+    batches by length (the same examples, once each), so short ones do not pad to long."""
+    from fedtune.train import _record_pieces
+
+    cfg, tok, _ = tiny_lora
+    data = tokenize(client_data(cfg, 0)[0].select(range(12)), tok, cfg.model.max_length)
+    indices = list(range(12))
+    pieces, _ = _record_pieces(indices, 2, data)
+    assert sorted(i for p in pieces for i in p) == indices
+    lengths = [[len(data.ids[i]) for i in p] for p in pieces]
+    assert all(max(a) <= min(b) for a, b in zip(lengths, lengths[1:]))
+    padded = sum(len(p) * max(ls) for p, ls in zip(pieces, lengths))
+    unsorted = sum(2 * max(len(data.ids[i]) for i in indices[k:k + 2]) for k in range(0, 12, 2))
+    assert padded < unsorted  # the two shorter records share a batch
