@@ -63,7 +63,7 @@ class TrainSection:
     physical_batch_size: int = 0  # examples per forward/backward pass; 0 = as many as memory_budget_mb holds
     memory_budget_mb: int = 0  # a client's training memory; 0 = its share of the machine (fedtune.memory)
     learning_rate: float = 0.0  # 0 = auto: 0.005, under DP fedtune.privacy.defaults
-    dp_compute: float = 2.0  # DP with auto batch: example passes per round, as a multiple of local_epochs
+    dp_compute: float = 1.5  # DP with auto batch: example passes per round, as a multiple of local_epochs
     weight_decay: float = 0.0
     eval_batch_size: int = 16
     threads: int = 0  # torch threads per client; 0 = its CPU share (simulation) or all cores
