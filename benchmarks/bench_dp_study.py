@@ -52,7 +52,24 @@ def _compute(summary: dict, cfg) -> float:
     rows = [c for c in summary["clients"] if c.get("steps_per_round")]
     if not rows:
         return math.nan
-    return statistics.fmean(c["steps_per_round"] * cfg.federation.rounds * cfg.train.batch_size for c in rows)
+    return statistics.fmean(c["steps_per_round"] * cfg.federation.rounds * _batch(c, cfg) for c in rows)
+
+
+def _batch(client: dict, cfg) -> float:
+    """A client's expected batch: the config's, or under the DP-aware defaults q × N."""
+    if cfg.train.batch_size or not client.get("sample_rate"):
+        return cfg.train.batch_size
+    return client["sample_rate"] * client["train_records"]
+
+
+def _train_settings(summary: dict, cfg) -> dict:
+    """The train settings the clients used: automatic ones (0) resolved as the clients did,
+    from public inputs (fedtune.privacy.defaults), for the first client's record count."""
+    from fedtune.privacy.defaults import resolve
+
+    records = next((c["train_records"] for c in summary["clients"] if c.get("train_records")), 0)
+    t = resolve(cfg, records)[0].train if records else cfg.train
+    return {k: getattr(t, k) for k in ("batch_size", "local_epochs", "local_steps", "learning_rate")}
 
 
 def one_run(config: str, name: str, overrides: dict, eps: float, repeat: int, runs: str) -> dict:
@@ -77,7 +94,7 @@ def record(run_dir: Path, cfg, name: str, overrides: dict, eps: float, repeat: i
     dp_rows = [c for c in summary["clients"] if c.get("epsilon") is not None]
     return {
         "point": name, "overrides": overrides, "epsilon_target": eps, "repeat": repeat, "run_dir": str(run_dir),
-        "train": {k: getattr(cfg.train, k) for k in ("batch_size", "local_epochs", "local_steps", "learning_rate")},
+        "train": _train_settings(summary, cfg),
         "rounds": cfg.federation.rounds, "aggregation": cfg.federation.aggregation, "lora_r": cfg.lora.r,
         "clip_norm": cfg.privacy.clip_norm, "compute_per_client": _compute(summary, cfg),
         "noise_multiplier": max((c.get("noise_multiplier") or 0.0) for c in summary["clients"]),

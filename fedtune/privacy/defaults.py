@@ -27,7 +27,7 @@ from fedtune.errors import FedtuneError
 from fedtune.privacy.accounting import calibrate_noise
 
 MIN_STEPS = 4  # steps in a run below which Adam barely moves the adapter (study: 2 steps lose)
-DP_LEARNING_RATE = 0.02  # study's best for AdamW on LoRA at B ≈ N/2 (benchmarks/results/dp_study.md)
+DP_LEARNING_RATE = 0.02  # study's best for AdamW on LoRA at B ≈ N/4–N/2 (benchmarks/results/dp_study.md)
 NO_DP_BATCH, NO_DP_LEARNING_RATE = 16, 5e-3  # the non-DP defaults (no noise: small batches, more steps)
 MAX_NOISE_PER_EXAMPLE = 0.5  # σ/B above this: the noise on one step's mean gradient is half a clipped
 #                              gradient per coordinate or more: no step learns anything
