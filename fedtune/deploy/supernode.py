@@ -48,8 +48,8 @@ class FlowerChanged(RuntimeError):
 class _PacedTime:
     """The ``time`` module as start_client_internal sees it: its fixed sleeps shortened."""
 
-    def __init__(self) -> None:
-        self.last_message = float("-inf")
+    def __init__(self, sleep=time.sleep) -> None:
+        self.last_message, self._sleep = float("-inf"), sleep
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -62,7 +62,7 @@ class _PacedTime:
             seconds = PULL_S
         elif seconds == LOCAL_SLEEP_S:
             seconds = LOCAL_S
-        time.sleep(seconds)
+        self._sleep(seconds)
 
 
 def _expect(module, needles: list[str]) -> None:
@@ -72,7 +72,7 @@ def _expect(module, needles: list[str]) -> None:
         raise FlowerChanged(f"{module.__file__} no longer has {missing[0]!r}")
 
 
-def patch(heartbeat: float, ready_file: Path | None) -> _PacedTime:
+def patch(heartbeat: float, ready_file: Path | None, sleep=time.sleep) -> _PacedTime:
     """Apply the changes to Flower's SuperNode modules (before it starts); the paced clock."""
     from flwr.supercore import heartbeat as beat
     from flwr.supernode import fleet_http_connection as fleet
@@ -82,7 +82,7 @@ def patch(heartbeat: float, ready_file: Path | None) -> _PacedTime:
                   "_push_messages(\n", "with _init_connection(", "obj_contents = pull_objects("])
     _expect(fleet, ["heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL"])
     _expect(beat, ["HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT"])
-    clock, pull, push, connect = _PacedTime(), sci._pull_and_store_message, sci._push_messages, sci._init_connection
+    clock, pull, push, connect = _PacedTime(sleep), sci._pull_and_store_message, sci._push_messages, sci._init_connection
 
     def pull_and_store(*args, **kwargs):
         run_id = pull(*args, **kwargs)
