@@ -139,7 +139,7 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     if not insecure:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
-    from fedtune.data import load_records  # lazy: torch, datasets (only `client start` reads data)
+    from fedtune.data import load_records  # lazy: datasets, pandas (only `client start` reads data)
     from fedtune.user_data import user_ids  # lazy: beside load_records
 
     check_paths(s.data, s.model_cache)
