@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from fedtune import user_data
 from fedtune.config import Config, DataSection, RunSection
 from fedtune.errors import FedtuneError
@@ -30,6 +28,7 @@ from fedtune.runfolder import atomic_write_text
 from fedtune.sources import BUILTIN_DATA, RATINGS, builtin_rows, drugreview_prompt
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset
 
 SPLIT_FIELD = "split"  # optional column: each record's side, one of SPLITS
@@ -285,6 +284,8 @@ def label_choices(cfg, records: Dataset, tokenizer) -> tuple["TokenizedData", li
     one per label, all of a record sharing the same completion tokens so their losses
     compare), the true label index of each kept record, and the labels.
     """
+    import torch  # here, not at the top: `fedtune client start` reads data files without torch
+
     if cfg.data.source != "drugreview":
         return None
     ids, starts, truth = [], [], []
@@ -322,6 +323,8 @@ class TokenizedData:
 def tokenize(records: Dataset, tokenizer, max_length: int, users: list[str] | None = None) -> TokenizedData:
     """Prompt + completion + eos, truncated to ``max_length``; drops examples left with
     no completion token to learn from (``users``, one per record, are kept aligned)."""
+    import torch
+
     ids, starts, kept = [], [], []
     eos = tokenizer.eos_token_id
     for row, (prompt, completion) in enumerate(zip(records["prompt"], records["completion"])):
@@ -339,6 +342,8 @@ def tokenize(records: Dataset, tokenizer, max_length: int, users: list[str] | No
 
 def collate(data: TokenizedData, indices, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; labels are -100 outside each completion (prompt and padding)."""
+    import torch
+
     seqs = [data.ids[i] for i in indices]
     width = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

@@ -2,7 +2,9 @@
 with two differences that matter when a client dies:
 
 - replies are asked for every ``POLL_S`` (Flower's deployed grid sleeps 3 s between asks,
-  so every wave costs at least 3 s even when the clients answer in milliseconds);
+  so every wave costs at least 3 s even when the clients answer in milliseconds), and a
+  reply's objects that its node has not finished uploading are asked for again after
+  ``OBJECT_RETRY_S``, doubling (Flower's grid waits 1 s first);
 - the SuperLink's own error reply for a node it has marked offline (``NODE_UNAVAILABLE``,
   sent as from the SuperLink, not from the node) is attributed to the node it is about, so
   the server stops waiting for that node at once and says which node it was;
@@ -16,6 +18,8 @@ Replies come back in arrival order, as Flower's do; callers sort where order mat
 
 from __future__ import annotations
 
+import functools
+import inspect
 import queue
 import threading
 import time
@@ -25,6 +29,19 @@ from flwr.app import Error, Message
 from flwr.serverapp import Grid
 
 POLL_S = 0.2  # seconds between asks for replies (a local call to the SuperLink)
+OBJECT_RETRY_S = 0.05  # first retry of a reply's object still being uploaded (then doubling to Flower's 10 s cap)
+
+
+def _prompt_object_pulls() -> None:
+    """Flower's deployed grid (flwr.superlink.grid.http_grid) pulls a reply's objects with a
+    first retry after ``OBJECT_RETRY_S`` instead of 1 s; flwr is pinned, checked here."""
+    from flwr.superlink.grid import http_grid
+
+    pull = http_grid.pull_objects
+    if not isinstance(pull, functools.partial):
+        if "initial_backoff" not in inspect.signature(pull).parameters:
+            raise RuntimeError("flwr's pull_objects has no initial_backoff any more; fedtune.exchange needs flwr==1.42.0")
+        http_grid.pull_objects = functools.partial(pull, initial_backoff=OBJECT_RETRY_S)
 
 
 def send_and_receive(grid, messages: Iterable[Message], timeout: float, poll: float = POLL_S) -> list[Message]:
@@ -32,6 +49,7 @@ def send_and_receive(grid, messages: Iterable[Message], timeout: float, poll: fl
     messages = list(messages)
     if not isinstance(grid, Grid):  # an in-process stand-in (tests): it answers at once
         return list(grid.send_and_receive(messages, timeout=timeout))
+    _prompt_object_pulls()
     pushed = set(grid.push_messages(messages)) - {None, ""}  # the grid sets each message's id as it pushes
     sent = {m.metadata.message_id: m for m in messages if m.metadata.message_id in pushed}
     waiting, replies = set(sent), []

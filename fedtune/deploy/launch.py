@@ -14,21 +14,19 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedtune import certs
 from fedtune import config as config_mod
-from fedtune.data import load_records
 from fedtune.deploy import approved
 from fedtune.deploy.control import Control
 from fedtune.deploy.lifetime import open_lifetime
 from fedtune.deploy.settings import ClientSettings, load_client, load_server, node_config_arg
-from fedtune.deploy.supervisor import SECRET_FILE, Supervisor, check_paths, new_secret, supernode_args, worker_command
+from fedtune.deploy.supervisor import READY_FILE, SECRET_FILE, Supervisor, check_paths, supernode_command, worker_command
 from fedtune.driver import RunFailed, app_dir, flower_env, stop_tree, tool
 from fedtune.errors import FedtuneError
-from fedtune.server.resume import SERVER_LOCK, check as check_resume, stored_config
 from fedtune.runfolder import atomic_write_text, file_lock, new_run_dir, read_json, update_run_file
-from fedtune.user_data import user_ids
 
 REJECTED_RETRY_S = 30.0  # a SuperNode refused this soon is retried: keys are registered just after the server starts
 INSECURE_WARNING = ("fedtune: WARNING: --insecure: no TLS and no client authentication; anyone on the network can "
@@ -117,8 +115,8 @@ def start_server(path: str, insecure: bool) -> int:
     proc = subprocess.Popen(cmd, env=env, cwd=s.state, stdin=subprocess.DEVNULL)
     try:
         _wait_listening(proc, s.host, s.port)
-        for k in keys:  # only registered keys may connect (SuperNode authentication)
-            control.register(k)
+        with ThreadPoolExecutor(max_workers=8) as pool:  # only registered keys may connect; each is a `flwr` process
+            list(pool.map(control.register, keys))
     except (RuntimeError, FedtuneError) as exc:
         stop_tree(proc)
         print(f"fedtune: the SuperLink failed: {exc}", file=sys.stderr)
@@ -141,6 +139,9 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
     if not insecure:
         certs.check_ca(s.ca)
         certs.check_client_key(s.key)
+    from fedtune.data import load_records  # lazy: datasets, pandas (only `client start` reads data)
+    from fedtune.user_data import user_ids  # lazy: beside load_records
+
     check_paths(s.data, s.model_cache)
     d = config_mod.Config().data
     quiet = logging.getLogger("datasets")  # it logs a traceback for a malformed file; our one line says it
@@ -157,15 +158,16 @@ def check_client(s: ClientSettings, insecure: bool) -> None:
 
 
 def client_command(path: str, insecure: bool) -> tuple[list[str], dict, ClientSettings]:
-    """The SuperNode's command line (its messages run in fedtune's worker, fedtune.deploy.supervisor)."""
+    """The SuperNode's command line: Flower's SuperNode through fedtune's launcher
+    (fedtune.deploy.supernode); its messages run in fedtune's worker (fedtune.deploy.supervisor)."""
     s = load_client(path)
     check_client(s, insecure)
     Path(s.state).mkdir(parents=True, exist_ok=True)
     env = flower_env(Path(s.state) / "flwr-home")
     # The worker refuses a run whose app hash the operator did not approve (fedtune.deploy.approved).
     env.update({approved.APPS_ENV: ",".join(s.apps), approved.NAME_ENV: s.name})
-    cmd = [tool("flower-supernode", env), "--superlink", s.superlink, "--node-config", node_config_arg(s),
-           *supernode_args(new_secret(s.state)), "--port", str(s.port)]
+    cmd = [*supernode_command(s.state, s.heartbeat), "--superlink", s.superlink, "--node-config", node_config_arg(s),
+           "--port", str(s.port)]
     if insecure:
         cmd.append("--insecure")
     else:
@@ -182,7 +184,7 @@ def start_client(path: str, insecure: bool) -> int:
     deadline = time.monotonic() + REJECTED_RETRY_S
     while True:
         worker = worker_command(s.port, Path(s.state) / SECRET_FILE, s.data, s.model_cache)
-        code = Supervisor(cmd, worker, env, s.state, stop_tree).run()
+        code = Supervisor(cmd, worker, env, s.state, stop_tree, ready=Path(s.state) / READY_FILE).run()
         if code == 0 or code >= 128 or time.monotonic() > deadline:  # done, signalled, or not a start-up refusal
             break
         time.sleep(5.0)  # a server that just started may not have registered our key yet
@@ -209,13 +211,36 @@ def _wait_for_server(address: str, timeout: float = 60.0) -> None:
             time.sleep(1.0)
 
 
+def _follow(control: Control, run_id: str, logs: subprocess.Popen, poll: float, lost_after: float,
+            lost: str) -> str:
+    """Wait for the run's end; its Flower status. The log stream ends when the run does: its
+    end is the moment to ask (each ask is a `flwr` process, ~1 s of CPU); one ask per ``poll``
+    in between notices a lost server (``lost``, after ``lost_after`` seconds without status)."""
+    status, lost_since = "unknown", None
+    while not status.startswith("finished"):
+        if logs.poll() is None:
+            try:
+                logs.wait(timeout=poll)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            time.sleep(poll)
+        status = control.status(run_id)
+        lost_since = (lost_since or time.monotonic()) if status == "unknown" else None
+        if lost_since is not None and time.monotonic() - lost_since > lost_after:
+            raise RunFailed(lost)
+    return status
+
+
 def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | None = None,
-        poll: float = 2.0, lost_after: float = 300.0) -> Path:
+        poll: float = 10.0, lost_after: float = 300.0) -> Path:
     """Submit the federation's run to the server and follow it to its end; the run folder."""
     s, cfg = load_server(path)
     if overrides:
         cfg = config_mod.load(None, {**config_mod.to_flat(cfg), **overrides})
     if resume:  # the same run: its folder and name; the config may change only where harmless
+        from fedtune.server.resume import SERVER_LOCK, check as check_resume, stored_config  # lazy: torch
+
         run_dir = Path(resume).expanduser().resolve()
         cfg = cfg.replace(run={"dir": str(run_dir), "name": stored_config(run_dir).run.name})
         done = check_resume(run_dir, cfg)
@@ -246,14 +271,9 @@ def run(path: str, insecure: bool, resume: str | None = None, overrides: dict | 
         print(f"fedtune: run {run_id} {what} on {s.address}; run folder: {run_dir}", file=sys.stderr, flush=True)
         logs = control.stream_logs(run_id, run_dir / "flower.log")
         try:
-            status, lost_since = "unknown", None
-            while not status.startswith("finished"):
-                time.sleep(poll)
-                status = control.status(run_id)
-                lost_since = (lost_since or time.monotonic()) if status == "unknown" else None
-                if lost_since is not None and time.monotonic() - lost_since > lost_after:
-                    raise RunFailed(f"lost the server at {s.address}: no status of run {run_id} for "
-                                    f"{lost_after:.0f} s; when it is back, continue with: fedtune run --resume {run_dir}")
+            status = _follow(control, run_id, logs, poll, lost_after,
+                             f"lost the server at {s.address}: no status of run {run_id} for {lost_after:.0f} s; "
+                             f"when it is back, continue with: fedtune run --resume {run_dir}")
         finally:
             stop_tree(logs)
     run = read_json(run_dir / "run.json")

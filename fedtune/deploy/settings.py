@@ -91,6 +91,7 @@ class ClientSettings:
     dataset: str = ""  # the data set's name: its lifetime ledger (every run on it spends one budget); "" = name
     policy: Policy = field(default_factory=Policy)  # the [policy] table: the weakest run this client accepts
     user_field: str = ""  # the column naming each record's person: every run then protects one person (user-level DP)
+    heartbeat: float = 10.0  # seconds; the server declares this node dead 2x this after its last sign of life
 
 
 def load_server(path: str | Path) -> tuple[ServerSettings, config_mod.Config]:
@@ -130,6 +131,8 @@ def load_client(path: str | Path) -> ClientSettings:
     if not (s.budget > 0 and math.isfinite(s.budget)):
         raise FedtuneError(f"{p}: client.budget must be a finite ε > 0 (got {s.budget})")
     _port(s.port, f"{p}: client.port")
+    if not 10.0 <= s.heartbeat <= 1800.0:  # Flower's SuperLink accepts no other interval
+        raise FedtuneError(f"{p}: client.heartbeat must be 10..1800 seconds (got {s.heartbeat:g})")
     if not (isinstance(s.min_inputs, int) and s.min_inputs >= 2):
         raise FedtuneError(f"{p}: client.min_inputs must be an integer >= 2 (got {s.min_inputs!r}): a sum of one "
                            "input is that input")

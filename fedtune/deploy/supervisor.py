@@ -3,7 +3,9 @@
 The SuperNode runs in ``--isolation process`` mode: it keeps the server's messages and
 serves them on its local Runtime API, where only the holder of a fresh SuperExec secret
 (owner-only file in the state folder, new at every start) may take a task. The worker
-(fedtune.deploy.worker) is that holder. A worker that dies is started again at once; its
+(fedtune.deploy.worker) is that holder; it starts once the SuperNode is admitted (its
+launcher, fedtune.deploy.supernode, writes the ready file), so a node the server turns
+away never loads torch. A worker that dies is started again at once; its
 messages in flight then fail (the server sees a missing reply) and a paid request asked
 again is resent from the release store, never paid twice.
 """
@@ -21,6 +23,7 @@ from fedtune.errors import FedtuneError
 from fedtune.runfolder import atomic_write_bytes
 
 SECRET_FILE = "superexec.secret"
+READY_FILE = "supernode.ready"  # written by the SuperNode when the server admitted it
 RESTART_PAUSE_S = 1.0  # between a worker's death and its restart (a crash loop then costs little)
 
 
@@ -44,18 +47,21 @@ def check_paths(data: str, model_cache: str) -> None:
         raise FedtuneError(f"data file {data} is gone; put it back or fix client.data, then start the client again")
 
 
-def supernode_args(secret: Path) -> list[str]:
-    """What turns the SuperNode's own per-message executor off and lets the worker in."""
-    return ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+def supernode_command(state: str | Path, heartbeat: float) -> list[str]:
+    """fedtune's SuperNode launcher (fedtune.deploy.supernode), with what turns the SuperNode's
+    own per-message executor off and lets the worker in; Flower's other options follow."""
+    return [sys.executable, "-m", "fedtune.deploy.supernode", "--fedtune-heartbeat", f"{heartbeat:g}",
+            "--fedtune-ready-file", str(Path(state) / READY_FILE),
+            "--isolation", "process", "--superexec-auth-secret-file", str(new_secret(state))]
 
 
 class Supervisor:
     """Keeps the worker alive while the SuperNode runs; stops both together."""
 
     def __init__(self, node_cmd: list[str], worker_cmd: list[str], env: dict, cwd: str,
-                 stop_tree, log=lambda line: print(line, file=sys.stderr, flush=True)) -> None:
+                 stop_tree, log=lambda line: print(line, file=sys.stderr, flush=True), ready: Path | None = None) -> None:
         self.node_cmd, self.worker_cmd, self.env, self.cwd = node_cmd, worker_cmd, env, cwd
-        self.stop_tree, self.log = stop_tree, log
+        self.stop_tree, self.log, self.ready = stop_tree, log, ready  # ready: start the worker once it exists
         self.node: subprocess.Popen | None = None
         self.worker: subprocess.Popen | None = None
         self.restarts = 0
@@ -75,15 +81,20 @@ class Supervisor:
             sys.exit(128 + signum)
 
         signal.signal(signal.SIGTERM, on_signal)
+        if self.ready is not None:
+            self.ready.unlink(missing_ok=True)
         self.node = subprocess.Popen(self.node_cmd, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL)
-        self._start_worker()
         try:
             while True:
                 code = self.node.poll()
                 if code is not None:
-                    self.stop_tree(self.worker)
+                    if self.worker is not None:
+                        self.stop_tree(self.worker)
                     return code
-                if self.worker.poll() is not None:
+                if self.worker is None:
+                    if self.ready is None or self.ready.exists():
+                        self._start_worker()
+                elif self.worker.poll() is not None:
                     if self.worker.returncode == 2:  # a start-up error: it said why; retrying will not help
                         self.stop_tree(self.node)
                         return 2

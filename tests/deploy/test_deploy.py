@@ -172,7 +172,8 @@ def test_client_config_mistakes(fed, capsys):
     root, _, client = fed
     for change, message in [({"budget": 0.0}, "client.budget"), ({"superlink": "nohost"}, "host:port"),
                             ({"name": "../x"}, "client.name"), ({"colour": "red"}, "unknown key client.colour"),
-                            ({"port": "9094"}, "client.port must be a int")]:
+                            ({"port": "9094"}, "client.port must be a int"),
+                            ({"heartbeat": 5.0}, "client.heartbeat must be 10..1800 seconds")]:
         _rewrite(root / "client.toml", "client", {**client, **change})
         assert message in _error(capsys, ["client", "start", str(root / "client.toml")])
 
