@@ -72,8 +72,8 @@ class RosterStages:
     def _endorsements(self, cid: int) -> dict[str, dict[int, bytes]]:
         """What ``cid`` needs to see a quorum: its signing neighbours' tags, then other signers'
         signatures for the rest (with itself, a quorum)."""
-        signers = self._sigs["survivors"]
-        tags = {j: t for j in sorted(self.setup.neighbours[cid]) if j in signers and
-                (t := self._tag_for("survivors", j, cid)) is not None}
+        signers, need = self._sigs["survivors"], self.setup.quorum - 1
+        tags = dict([(j, t) for j in sorted(self.setup.neighbours[cid]) if j in signers and
+                     (t := self._tag_for("survivors", j, cid)) is not None][:need])
         others = sorted((j, s) for j, s in signers.items() if j != cid and j not in tags)
-        return {"tags": tags, "signatures": dict(others[:max(0, self.setup.quorum - 1 - len(tags))])}
+        return {"tags": tags, "signatures": dict(others[:need - len(tags)])}

@@ -196,7 +196,7 @@ def test_a_clients_own_tags_or_declaration_tags_passed_off_as_its_neighbours_end
         srv = r.server
         srv.receive_consistency({c: r.ask(c, "consistency", m) for c, m in srv.consistency_requests().items()})
         msg = srv.unmask_requests()[1]
-        assert set(msg["tags"]) == {2, 3, 4, 5} and msg["signatures"] == {}  # neighbours need no signature check
+        assert set(msg["tags"]) == {2, 3} and msg["signatures"] == {}  # with its own, a quorum: no signature to check
         if forged == "reflected":
             msg["tags"] = {j: srv._tags["survivors"][1][j] for j in msg["tags"]}
         elif forged == "declarations":
@@ -207,3 +207,22 @@ def test_a_clients_own_tags_or_declaration_tags_passed_off_as_its_neighbours_end
         else:
             assert out is None and "stage 'unmask': only 1 survivors signed the survivor set" in r.errors[1]
             assert r.clients[1].stage is Stage.ABORTED and not r.clients[1]._held
+
+
+def test_identity_signatures_verify_as_ed25519_and_a_neutral_key_signs_nothing():
+    """Identity signatures are checked by libsodium: a cryptography (OpenSSL) signature verifies,
+    an altered one or another statement does not, and the neutral-point key with the signature
+    (R = neutral, S = 0), which OpenSSL accepts for every message, verifies none."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = identity.generate()
+    public, sig = identity.public_bytes(key), identity.sign(key, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    assert identity.verify(public, sig, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    assert not identity.verify(public, sig, identity.SURVIVORS, b"d" * 32, [1, 2])
+    assert not identity.verify(public, sig[:-1] + bytes([sig[-1] ^ 1]), identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    neutral = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    forged = bytes([1]) + bytes(63)
+    neutral.verify(forged, b"any statement")  # OpenSSL: valid (so the check below can fail)
+    der = neutral.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert not identity.verify(der, forged, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
