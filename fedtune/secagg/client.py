@@ -320,7 +320,7 @@ class SecAggClient:
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
         tags = id_map(msg.get("tags", {}), "tags", me)
         data = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement)
-        valid = [me] + [j for j in sorted(self.neighbours & set(signed)) if self._tagged_by(j, tags.get(j), data)]
+        valid = [me] + [j for j in sorted(self.neighbours & set(signed) & set(tags)) if self._tagged_by(j, tags[j], data)]
         for j in signed:  # a quorum is enough: signatures only for what the tags leave
             if j not in valid and len(valid) < self.setup.quorum and \
                     identity.verify_statement(self.setup.roster[j], sigs.get(j), data):
