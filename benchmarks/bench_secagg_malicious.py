@@ -15,8 +15,10 @@ every round. Loading key files and making the certificate are not timed.
 
 Bytes are payload bytes as in bench_secagg.py (byte strings at their length, numbers at 8).
 Times are CPU seconds of this (single-threaded) process, not wall-clock: on a shared machine
-wall-clock time measures the other jobs. Each variant runs --repeat times, alternating, and
-each client's (and the server's) fastest run counts, per stage too: the added time is split
+wall-clock time measures the other jobs. Each variant runs --repeat times, alternating (and
+more, up to 40, until the case took --min-cpu-s: a 1M-parameter round is ~35 ms a client, and
+the machine's load moves it by a few ms), and each client's (and the server's) fastest run
+counts, per stage too: the added time is split
 by stage, and one more untimed malicious run (1,000 values) counts each client's signatures,
 signature checks, tags and tag checks (the primitives the malicious variant adds).
 
@@ -55,6 +57,7 @@ pc = time.process_time  # CPU seconds of this process: on a shared machine, wall
 
 COUNTED = {"signatures": (identity, "sign"), "signature checks": (identity, "verify_statement"),
            "tags": (crypto, "tag"), "tag checks": (crypto, "tagged")}
+MAX_REPEAT = 40
 STAGES = ("identify", "graph", "advertise", "share", "collect", "consistency", "unmask")
 
 
@@ -197,14 +200,18 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     inputs = {c: (rng.standard_normal(d, dtype=np.float32) * np.float32(args.scale)) for c in range(1, n + 1)}
     weights = {c: float(rng.integers(1, args.max_weight + 1)) for c in inputs}
     runs: dict[str, dict[str, Any]] = {}
-    for r in range(args.repeat):  # alternating, each client's fastest: less of the machine's load
-        for malicious in ((False, True) if (order + r) % 2 == 0 else (True, False)):
+    t0, r = pc(), 0
+    while r < args.repeat or (pc() - t0 < args.min_cpu_s and r < MAX_REPEAT):  # cheap cases run more often
+        r += 1
+        for malicious in ((False, True) if (order + r) % 2 == 0 else (True, False)):  # alternating, each
+            # client's fastest run counts: the least of the machine's load
             run = run_variant(d, n, malicious, args, inputs, weights)
             best = runs.setdefault("malicious" if malicious else "honest", run)
             best["client_s"] = {c: min(best["client_s"][c], run["client_s"][c]) for c in run["client_s"]}
             best["stage_s"] = {s: {c: min(t[c], run["stage_s"][s][c]) for c in t} for s, t in best["stage_s"].items()}
             best["server_s"] = min(best["server_s"], run["server_s"])
     h, m = runs["honest"], runs["malicious"]
+    runs_each = r
     assert np.array_equal(h["avg"], m["avg"]), "the two variants must give the same sum"
     med = lambda xs: float(statistics.median(xs))  # noqa: E731
     added = [m["client_s"][c] - h["client_s"][c] for c in inputs]
@@ -213,7 +220,7 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     return {
         "added_by_stage_s": {s: med(m["stage_s"][s][c] - h["stage_s"][s][c] for c in inputs) for s in STAGES},
         "primitives_per_client": {k: med(counts[c][k] for c in inputs) for k in COUNTED},
-        "params": d, "clients": n, "fp32_bytes": 4 * d,
+        "params": d, "clients": n, "fp32_bytes": 4 * d, "runs_each": runs_each,
         "client_s": {"honest": med(h["client_s"].values()), "malicious": med(m["client_s"].values()),
                      "added_median": med(added), "added_max": max(added)},
         "client_added_pct": 100 * med(added) / med(h["client_s"].values()),
@@ -234,17 +241,18 @@ def markdown(result: dict[str, Any]) -> str:
         f"1..{a['max_weight']}), {a['bits']}-bit weighted fixed point, neighbour degree {a['degree']}, no dropouts; "
         f"identity keys: {a['identity']} (Ed25519{', certified by P-384 SuperNode keys' if a['identity'] == 'deployment' else ''}). {result['machine']}. {result['load']}. {result['note']}.\n",
         "Times are CPU seconds of the benchmark process (wall-clock on this shared machine measured the other "
-        "jobs). Client s = median client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
+        "jobs); runs each = runs of each variant, alternating; each client's fastest counts. Client s = median "
+        "client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
         "signatures and their checks, the consistency stage). Upload ratio = largest client's upload, all stages, "
         "over its fp32 update (target ≤ 1.1). Extra KB = the largest client's added upload / download "
         "(target: under 10 KB per client). Both variants' sums were checked equal.\n",
-        "| params | clients | client s honest / malicious | added (% of honest round) | server s honest / malicious "
-        "| upload ratio | extra KB up / down |",
-        "|---|---|---|---|---|---|---|",
+        "| params | clients | runs each | client s honest / malicious | added (% of honest round) | server s honest / "
+        "malicious | upload ratio | extra KB up / down |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
         cl, sv, ex = c["client_s"], c["server_s"], c["extra_bytes_per_client"]
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
+        out.append(f"| {size_label(c['params'])} | {c['clients']} | {c['runs_each']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
                    f"| {cl['added_median']:.3f} s ({c['client_added_pct']:.1f}%) | {sv['honest']:.2f} / "
                    f"{sv['malicious']:.2f} | {c['upload_ratio_fp32']:.3f} | {ex['upload'] / 1e3:.2f} / "
                    f"{ex['download'] / 1e3:.2f} |")
@@ -278,7 +286,9 @@ def main() -> None:
     ap.add_argument("--max-weight", type=int, default=int(SECAGG.max_weight))
     ap.add_argument("--scale", type=float, default=1e-3)
     ap.add_argument("--identity", choices=["deployment", "simulation"], default="deployment")
-    ap.add_argument("--repeat", type=int, default=5, help="runs of each variant; each client's fastest counts")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each variant at least; each client's fastest counts")
+    ap.add_argument("--min-cpu-s", type=float, default=60.0,
+                    help=f"and more (up to {MAX_REPEAT}) until a case has taken this much CPU time")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     t0, cases = pc(), []
