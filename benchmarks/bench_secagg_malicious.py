@@ -15,8 +15,12 @@ every round. Loading key files and making the certificate are not timed.
 
 Bytes are payload bytes as in bench_secagg.py (byte strings at their length, numbers at 8).
 Times are CPU seconds of this (single-threaded) process, not wall-clock: on a shared machine
-wall-clock time measures the other jobs. Each variant runs --repeat times, alternating, and
-each client's (and the server's) fastest run counts.
+wall-clock time measures the other jobs. Each variant runs --repeat times, alternating (and
+more, up to 40, until the case took --min-cpu-s: a 1M-parameter round is ~35 ms a client, and
+the machine's load moves it by a few ms), and each client's (and the server's) fastest run
+counts, per stage too: the added time is split
+by stage, and one more untimed malicious run (1,000 values) counts each client's signatures,
+signature checks, tags and tag checks (the primitives the malicious variant adds).
 
     nice -n 10 python benchmarks/bench_secagg_malicious.py --out benchmarks/results
     python benchmarks/bench_secagg_malicious.py --params 0.1M --clients 10 --out /tmp/x   # seconds
@@ -25,12 +29,14 @@ each client's (and the server's) fastest run counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,19 +50,49 @@ from bench_secagg import SECAGG, payload_bytes, size_arg, size_label  # noqa: E4
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from fedtune.secagg import FixedPoint, SecAggClient, SecAggParams, SecAggServer, WeightedFixedPoint  # noqa: E402
-from fedtune.secagg import coin, identity  # noqa: E402
+from fedtune.secagg import coin, crypto, identity  # noqa: E402
 
 pc = time.process_time  # CPU seconds of this process: on a shared machine, wall-clock measures the other jobs
 
 
+COUNTED = {"signatures": (identity, "sign"), "signature checks": (identity, "verify_statement"),
+           "tags": (crypto, "tag"), "tag checks": (crypto, "tagged")}
+MAX_REPEAT = 40
+STAGES = ("identify", "graph", "advertise", "share", "collect", "consistency", "unmask")
+
+
+@contextlib.contextmanager
+def counting(meter: Meter):
+    """Counts, per client, the calls of the COUNTED primitives made while it answers a stage."""
+    saved = {name: getattr(mod, attr) for name, (mod, attr) in COUNTED.items()}
+
+    def counted(name, fn):
+        def call(*a, **k):
+            if meter.current is not None:
+                meter.counts[meter.current][name] += 1
+            return fn(*a, **k)
+        return call
+
+    for name, (mod, attr) in COUNTED.items():
+        setattr(mod, attr, counted(name, saved[name]))
+    try:
+        yield
+    finally:
+        for name, (mod, attr) in COUNTED.items():
+            setattr(mod, attr, saved[name])
+
+
 class Meter:
-    """Per-client seconds, upload and download bytes, and server seconds."""
+    """Per-client seconds (in all and by stage), upload and download bytes, and server seconds."""
 
     def __init__(self, ids):
         self.client = dict.fromkeys(ids, 0.0)
+        self.stage = {s: dict.fromkeys(ids, 0.0) for s in STAGES}
         self.up = dict.fromkeys(ids, 0)
         self.down = dict.fromkeys(ids, 0)
         self.server = 0.0
+        self.counts = {c: Counter() for c in ids}
+        self.current: int | None = None  # the client answering now (for counting)
 
     def serve(self, fn, *a):
         t = pc()
@@ -64,14 +100,16 @@ class Meter:
         self.server += pc() - t
         return out
 
-    def ask(self, requests: dict[int, Any], fn) -> dict[int, Any]:
-        """Each client's reply to its request, timed and counted."""
+    def ask(self, stage: str, requests: dict[int, Any], fn) -> dict[int, Any]:
+        """Each client's reply to its request in ``stage``, timed and counted."""
         replies = {}
         for c, req in requests.items():
             self.down[c] += payload_bytes(req)
-            t = pc()
+            self.current, t = c, pc()
             replies[c] = fn(c, req)
-            self.client[c] += pc() - t
+            dt, self.current = pc() - t, None
+            self.client[c] += dt
+            self.stage[stage][c] += dt
             self.up[c] += payload_bytes(replies[c])
         return replies
 
@@ -100,21 +138,26 @@ def _coin_toss(ids, keys, registered, meter: Meter, deployment: bool) -> tuple[d
             reply["cert"] = certs[c]
         return reply
 
-    replies = meter.ask({c: {"graph_commit": commit} for c in ids}, identify)
+    replies = meter.ask("identify", {c: {"graph_commit": commit} for c in ids}, identify)
     if deployment:  # admission: each certificate checked against the registered key
         for c, r in replies.items():
             assert meter.serve(identity.verify, reg_pub[c], r["cert"], identity.CERTIFY, b"", r["identity"])
     commits = {c: r["nonce_commit"] for c, r in replies.items()}
     shown = meter.serve(coin.digest, commits)
-    revealed = meter.ask({c: {"commits_digest": shown} for c in ids}, lambda c, req: {"nonce": nonces[c]})
+    revealed = meter.ask("graph", {c: {"commits_digest": shown} for c in ids}, lambda c, req: {"nonce": nonces[c]})
     graph_seed = meter.serve(coin.draw, server_seed, {c: r["nonce"] for c, r in revealed.items()})
     extra = {"server_seed": server_seed, "nonces": {c: r["nonce"] for c, r in revealed.items()}}
     return {"extra": extra, "commit": commit, "shown": shown, "nonces": nonces}, graph_seed
 
 
-def run_variant(d: int, n: int, malicious: bool, args, inputs, weights) -> dict[str, Any]:
-    ids = list(range(1, n + 1))
-    meter = Meter(ids)
+def run_variant(d: int, n: int, malicious: bool, args, inputs, weights, count: bool = False) -> dict[str, Any]:
+    meter = Meter(list(range(1, n + 1)))
+    with counting(meter) if count else contextlib.nullcontext():
+        return _run_variant(meter, d, n, malicious, args, inputs, weights)
+
+
+def _run_variant(meter: Meter, d: int, n: int, malicious: bool, args, inputs, weights) -> dict[str, Any]:
+    ids = list(meter.client)
     enc = WeightedFixedPoint(FixedPoint(clip=args.clip, bits=args.bits, n_max=n), max_weight=float(args.max_weight))
     params = SecAggParams(field_bits=enc.field_bits, length=enc.length(d), degree=args.degree, min_inputs=2)
     keys, toss, seed = {}, None, None
@@ -133,22 +176,23 @@ def run_variant(d: int, n: int, malicious: bool, args, inputs, weights) -> dict[
         return clients[c].advertise_keys()
 
     requests = {c: {**setup, **(toss["extra"] if malicious else {})} for c in ids}
-    meter.serve(server.receive_advertise, meter.ask(requests, advertise))
-    meter.serve(server.receive_share, meter.ask(meter.serve(server.share_requests), lambda c, r: clients[c].share_keys(r)))
+    meter.serve(server.receive_advertise, meter.ask("advertise", requests, advertise))
+    meter.serve(server.receive_share, meter.ask("share", meter.serve(server.share_requests),
+                                                lambda c, r: clients[c].share_keys(r)))
 
     def collect(c, req):
         clients[c].receive_shares(req)
         return clients[c].masked_input(enc.encode(inputs[c], weights[c], seed=c.to_bytes(32, "big")))
 
-    meter.serve(server.receive_collect, meter.ask(meter.serve(server.collect_requests), collect))
+    meter.serve(server.receive_collect, meter.ask("collect", meter.serve(server.collect_requests), collect))
     if malicious:
-        meter.serve(server.receive_consistency,
-                    meter.ask(meter.serve(server.consistency_requests), lambda c, r: clients[c].consistency(r)))
-    result = meter.serve(server.receive_unmask, meter.ask(meter.serve(server.unmask_requests),
+        meter.serve(server.receive_consistency, meter.ask("consistency", meter.serve(server.consistency_requests),
+                                                          lambda c, r: clients[c].consistency(r)))
+    result = meter.serve(server.receive_unmask, meter.ask("unmask", meter.serve(server.unmask_requests),
                                                           lambda c, r: clients[c].unmask(r)))
     avg, _ = meter.serve(enc.decode, result.total, n)
-    return {"client_s": meter.client, "up": meter.up, "down": meter.down, "server_s": meter.server,
-            "avg": avg / sum(weights.values())}
+    return {"client_s": meter.client, "stage_s": meter.stage, "up": meter.up, "down": meter.down,
+            "server_s": meter.server, "avg": avg / sum(weights.values()), "counts": meter.counts}
 
 
 def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
@@ -156,18 +200,27 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     inputs = {c: (rng.standard_normal(d, dtype=np.float32) * np.float32(args.scale)) for c in range(1, n + 1)}
     weights = {c: float(rng.integers(1, args.max_weight + 1)) for c in inputs}
     runs: dict[str, dict[str, Any]] = {}
-    for r in range(args.repeat):  # alternating, each client's fastest: less of the machine's load
-        for malicious in ((False, True) if (order + r) % 2 == 0 else (True, False)):
+    t0, r = pc(), 0
+    while r < args.repeat or (pc() - t0 < args.min_cpu_s and r < MAX_REPEAT):  # cheap cases run more often
+        r += 1
+        for malicious in ((False, True) if (order + r) % 2 == 0 else (True, False)):  # alternating, each
+            # client's fastest run counts: the least of the machine's load
             run = run_variant(d, n, malicious, args, inputs, weights)
             best = runs.setdefault("malicious" if malicious else "honest", run)
             best["client_s"] = {c: min(best["client_s"][c], run["client_s"][c]) for c in run["client_s"]}
+            best["stage_s"] = {s: {c: min(t[c], run["stage_s"][s][c]) for c in t} for s, t in best["stage_s"].items()}
             best["server_s"] = min(best["server_s"], run["server_s"])
     h, m = runs["honest"], runs["malicious"]
+    runs_each = r
     assert np.array_equal(h["avg"], m["avg"]), "the two variants must give the same sum"
     med = lambda xs: float(statistics.median(xs))  # noqa: E731
     added = [m["client_s"][c] - h["client_s"][c] for c in inputs]
+    small = {c: x[:1000] for c, x in inputs.items()}  # what a client signs and checks does not depend on d
+    counts = run_variant(1000, n, True, args, small, weights, count=True)["counts"]
     return {
-        "params": d, "clients": n, "fp32_bytes": 4 * d,
+        "added_by_stage_s": {s: med(m["stage_s"][s][c] - h["stage_s"][s][c] for c in inputs) for s in STAGES},
+        "primitives_per_client": {k: med(counts[c][k] for c in inputs) for k in COUNTED},
+        "params": d, "clients": n, "fp32_bytes": 4 * d, "runs_each": runs_each,
         "client_s": {"honest": med(h["client_s"].values()), "malicious": med(m["client_s"].values()),
                      "added_median": med(added), "added_max": max(added)},
         "client_added_pct": 100 * med(added) / med(h["client_s"].values()),
@@ -188,22 +241,39 @@ def markdown(result: dict[str, Any]) -> str:
         f"1..{a['max_weight']}), {a['bits']}-bit weighted fixed point, neighbour degree {a['degree']}, no dropouts; "
         f"identity keys: {a['identity']} (Ed25519{', certified by P-384 SuperNode keys' if a['identity'] == 'deployment' else ''}). {result['machine']}. {result['load']}. {result['note']}.\n",
         "Times are CPU seconds of the benchmark process (wall-clock on this shared machine measured the other "
-        "jobs). Client s = median client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
+        "jobs); runs each = runs of each variant, alternating; each client's fastest counts. Client s = median "
+        "client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
         "signatures and their checks, the consistency stage). Upload ratio = largest client's upload, all stages, "
         "over its fp32 update (target ≤ 1.1). Extra KB = the largest client's added upload / download "
         "(target: under 10 KB per client). Both variants' sums were checked equal.\n",
-        "| params | clients | client s honest / malicious | added (% of honest round) | server s honest / malicious "
-        "| upload ratio | extra KB up / down |",
-        "|---|---|---|---|---|---|---|",
+        "| params | clients | runs each | client s honest / malicious | added (% of honest round) | server s honest / "
+        "malicious | upload ratio | extra KB up / down |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in result["cases"]:
         cl, sv, ex = c["client_s"], c["server_s"], c["extra_bytes_per_client"]
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
+        out.append(f"| {size_label(c['params'])} | {c['clients']} | {c['runs_each']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
                    f"| {cl['added_median']:.3f} s ({c['client_added_pct']:.1f}%) | {sv['honest']:.2f} / "
                    f"{sv['malicious']:.2f} | {c['upload_ratio_fp32']:.3f} | {ex['upload'] / 1e3:.2f} / "
                    f"{ex['download'] / 1e3:.2f} |")
+    out += breakdown(result)
     out.append("\nPer-client medians and extremes are in secagg_malicious.json.\n")
     return "\n".join(out)
+
+
+def breakdown(result: dict[str, Any]) -> list[str]:
+    """Where the added client time goes: by stage, and the primitives behind it."""
+    out = ["\nWhere the added client time goes: per stage, the median client's malicious minus honest time in ms "
+           "(each client's fastest run; medians, so they need not add up to the total above; collect carries most "
+           "of the machine's noise, being most of the round), and the primitives the malicious variant adds, per "
+           "client (median; Ed25519 signatures and their checks, pairwise tags and their checks):\n",
+           "| params | clients | " + " | ".join(STAGES) + " | " + " / ".join(COUNTED) + " |",
+           "|---|---|" + "---|" * (len(STAGES) + 1)]
+    for c in result["cases"]:
+        by, n = c["added_by_stage_s"], c["primitives_per_client"]
+        out.append(f"| {size_label(c['params'])} | {c['clients']} | " + " | ".join(f"{1e3 * by[s]:+.2f}" for s in STAGES)
+                   + " | " + " / ".join(f"{n[k]:g}" for k in COUNTED) + " |")
+    return out
 
 
 def main() -> None:
@@ -216,7 +286,9 @@ def main() -> None:
     ap.add_argument("--max-weight", type=int, default=int(SECAGG.max_weight))
     ap.add_argument("--scale", type=float, default=1e-3)
     ap.add_argument("--identity", choices=["deployment", "simulation"], default="deployment")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of each variant; each client's fastest counts")
+    ap.add_argument("--repeat", type=int, default=5, help="runs of each variant at least; each client's fastest counts")
+    ap.add_argument("--min-cpu-s", type=float, default=60.0,
+                    help=f"and more (up to {MAX_REPEAT}) until a case has taken this much CPU time")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     t0, cases = pc(), []

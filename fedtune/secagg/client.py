@@ -6,12 +6,11 @@
                                                    # -> {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
     client.receive_shares(msg)                     # msg {"ciphertexts": {j: bytes}, "commitments": {j: bytes}}
     reply = client.masked_input(vector, real)      # -> {"masked": bytes (m bits per value), "real": 0 | 1}
-    reply = client.consistency(msg)                # malicious-server mode only (a roster in the setup):
-                                                   # msg {"survivors": [j], "real": [j], "resent": [j],
-                                                   #      "declarations": {j: sig}, "bound": {j: bytes}}
-                                                   # (declarations: its own and its surviving neighbours')
-                                                   # -> {"sig": (survivors, real, resent), signed}
-    reply = client.unmask(msg)                     # msg {"survivors": [j], "dropped": [j], "signatures": {j: sig}}
+                                                   # (+ "decl", "masked_with", "tags": {j: tag} with a roster)
+    reply = client.consistency(msg)                # with a roster only: msg {"survivors", "real", "resent": [j],
+                                                   #   "declarations": {j: tag}, "masked_with", "bound": {j: bytes}}
+                                                   # -> {"sig": (survivors, real, resent), signed, "tags": {j: tag}}
+    reply = client.unmask(msg)                     # msg {"survivors", "dropped": [j], "tags", "signatures": {j: ..}}
                                                    # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
 
 Key pairs and the self-mask seed are fresh per object, so revealing a dropped client's
@@ -20,12 +19,13 @@ repeated public keys, ciphertexts or shares that fail their checks (naming the s
 and ever revealing both shares of one neighbour. Any error leaves it aborted.
 
 With a roster (malicious-server mode) the client also signs, with its identity key, the keys
-it advertises, whether its input is real and the survivor set it is told; it refuses keys
-its neighbours did not sign, a survivor set with fewer than min_inputs real inputs or with
-a surviving neighbour whose signed declaration disagrees, and reveals shares only after a
-quorum of survivors signed the very statement it signed, it masked with every surviving
-neighbour (at least t of them) and the server's request matches that set. Every refusal
-names the stage and the party (the argument: docs/secure-aggregation.md).
+it advertises, whether its input is real and the survivor set it is told, and tags the last
+two for each neighbour (crypto.tag, their share-stage key: far cheaper to check than a
+signature). It refuses keys its neighbours did not sign, a survivor set with fewer than
+min_inputs real inputs or with a surviving neighbour whose tagged declaration disagrees, and
+reveals shares only after a quorum of survivors endorsed the very statement it signed, it
+masked with every surviving neighbour (at least t of them) and the server's request matches
+that set. Every refusal names the stage and the party (the argument: docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import numpy as np
 from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import field_dtype, pack
 from fedtune.secagg.protocol import (
-    COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, SecAggAborted, SecAggError, SecAggSetup, Stage,
-    as_message, field_mask, from_bits, id_list, id_map, neighbour_bits, pair_mask, paired_maps, self_mask, sign,
+    COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, TAGGED, SecAggAborted, SecAggError, SecAggSetup,
+    Stage, as_message, field_mask, from_bits, id_list, id_map, neighbour_bits, pair_mask, paired_maps, self_mask, sign,
 )
 
 
@@ -65,6 +65,7 @@ class SecAggClient:
         self._identity = identity_key
         self._check_identity()
         self._statement: tuple[list[int], ...] = ([], [], [])  # (survivors, real, resent) it signed
+        self._declared: tuple[int, bytes, bytes] = (0, b"", b"")  # its own (real, bound, masked_with)
         self.input_set = b""  # identity.input_set of that set, with who is real
         self.stage = Stage.ADVERTISE
         self._enc = crypto.KeyPair.generate()
@@ -86,6 +87,17 @@ class SecAggClient:
 
     def _signed_by(self, peer: int, signature: Any, label: bytes, *fields: bytes | int | list[int]) -> bool:
         return identity.verify(self.setup.roster[peer], signature, label, self.setup.digest, *fields)
+
+    def _tag(self, peer: int, data: bytes) -> bytes:
+        """A tag on statement ``data`` from this client to ``peer`` (their share-stage key)."""
+        ad = crypto.associated_data(TAGGED, self.setup.params.round, self.id, peer) + data
+        return crypto.tag(self._enc_keys[peer], ad)
+
+    def _tagged_by(self, peer: int, tag: Any, data: bytes) -> bool:
+        """``tag`` is ``peer``'s on ``data``, addressed to this client (not one of its own reflected)."""
+        key = self._enc_keys.get(peer)
+        ad = crypto.associated_data(TAGGED, self.setup.params.round, peer, self.id) + data
+        return key is not None and crypto.tagged(key, tag, ad)
 
     @property
     def neighbours(self) -> frozenset[int]:
@@ -221,19 +233,23 @@ class SecAggClient:
                 y -= mask
         y &= field_mask(self.setup)
         reply: dict[str, Any] = {"masked": pack(y, m), "real": int(bool(real))}
-        if self.setup.roster:  # signed: real or not, a resend's first input set, the neighbours it masked with
+        if self.setup.roster:  # declared: real or not, a resend's first input set, the neighbours it masked with
             reply["masked_with"] = neighbour_bits(self.setup, self.id, self._held)
-            reply["decl"] = self._sign(identity.INPUT, self.id, int(bool(real)), bytes(bound), reply["masked_with"])
+            self._declared = (int(bool(real)), bytes(bound), reply["masked_with"])
+            reply["decl"] = self._sign(identity.INPUT, self.id, *self._declared)  # for the server
+            data = identity.statement(identity.INPUT, self.setup.digest, self.id, *self._declared)
+            reply["tags"] = {j: self._tag(j, data) for j in sorted(self._enc_keys)}  # for its neighbours
             if bound:
                 reply["bound"] = bytes(bound)
         self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
         return reply
 
     # -- consistency (malicious-server mode) --------------------------------------------
-    def consistency(self, msg: dict[str, Any]) -> dict[str, bytes]:
-        """Sign the statement (survivors, real inputs, resends) the server names, once it shows
-        the signed declarations of this client and of its surviving neighbours (the inputs whose
-        self-mask shares it may reveal) and at least min_inputs of the survivors are real inputs."""
+    def consistency(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Sign the statement (survivors, real inputs, resends) the server names, and tag it for
+        each surviving neighbour, once the statement agrees with this client's own declaration
+        and the server shows its surviving neighbours' (the inputs whose self-mask shares it may
+        reveal), each tagged by that neighbour, and at least min_inputs survivors are real."""
         self._enter(Stage.CONSISTENCY)
         me, p = self.id, self.setup.params
         msg = as_message(msg, me)
@@ -247,12 +263,15 @@ class SecAggClient:
                 not real <= set(survivors):
             raise self._fail(SecAggError(f"client {me}: stage 'consistency': the server's survivor set is not one "
                                          "of this round's (it omits this client or names strangers); refusing"))
+        own_real, bound[me], masked_with[me] = self._declared  # its own: what it declared, not what it is told
         checked = sorted((self.neighbours & set(survivors)) | {me})
         for j in checked:
-            if not self._signed_by(j, decl.get(j), identity.INPUT, j, int(j in real), bound.get(j, b""),
-                                   masked_with.get(j, b"")):
+            data = identity.statement(identity.INPUT, self.setup.digest, j, int(j in real), bound.get(j, b""),
+                                      masked_with.get(j, b""))
+            if not (self._tagged_by(j, decl.get(j), data) if j != me else own_real == int(me in real)):
                 raise self._fail(SecAggError(f"client {me}: stage 'consistency': client {j}'s declaration of its "
-                                             "input is missing or not signed by its identity key; refusing"))
+                                             "input is missing, disagrees with the statement or is not "
+                                             f"authenticated by client {j}; refusing"))
             self._check_masked(j, set(survivors), from_bits(self.setup, j, masked_with.get(j)))
         if len(real) < p.min_inputs:
             raise self._fail(SecAggAborted(f"client {me}: stage 'consistency': only {len(real)} real inputs in the "
@@ -261,7 +280,9 @@ class SecAggClient:
         self._check_bound(bound, real, resent, checked)
         self._statement = (survivors, sorted(real), sorted(resent))
         self.stage = Stage.UNMASK
-        return {"sig": self._sign(identity.SURVIVORS, *self._statement)}
+        data = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement)
+        return {"sig": self._sign(identity.SURVIVORS, *self._statement),
+                "tags": {j: self._tag(j, data) for j in checked if j != me}}
 
     def _check_masked(self, j: int, survivors: set[int], masked: set[int]) -> None:
         """Client j (itself or a neighbour whose self-mask shares it holds) masked with every
@@ -290,14 +311,18 @@ class SecAggClient:
                 "sum would reveal a difference of updates); revealing nothing"))
 
     def _check_quorum(self, msg: Any, survivors: list[int], dropped: list[int]) -> None:
-        """Malicious-server mode, before revealing: a quorum of survivors signed the statement this
+        """Malicious-server mode, before revealing: a quorum of survivors endorsed the statement this
         client signed (so every revealing honest client holds the same one), and the request names
-        exactly its share-holding neighbours inside / outside that set."""
+        exactly its share-holding neighbours inside / outside that set. A neighbour endorses with
+        its tag, any other survivor with its signature: an honest client makes both at once, on
+        its one statement, so either counts it once."""
         me, signed = self.id, self._statement[0]
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
-        data, valid = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement), [me]  # it signed
-        for j in signed:  # a quorum of valid signatures is enough
-            if j != me and len(valid) < self.setup.quorum and \
+        tags = id_map(msg.get("tags", {}), "tags", me)
+        data = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement)
+        valid = [me] + [j for j in sorted(self.neighbours & set(signed) & set(tags)) if self._tagged_by(j, tags[j], data)]
+        for j in signed:  # a quorum is enough: signatures only for what the tags leave
+            if j not in valid and len(valid) < self.setup.quorum and \
                     identity.verify_statement(self.setup.roster[j], sigs.get(j), data):
                 valid.append(j)
         if len(valid) < self.setup.quorum:
@@ -341,7 +366,8 @@ class SecAggClient:
         state = {
             "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed),
                       "roster": {str(j): hx(k) for j, k in self.setup.roster.items()}},
-            "id": self.id, "statement": self._statement,
+            "id": self.id, "statement": self._statement, "declared": [self._declared[0], hx(self._declared[1]),
+                                                                          hx(self._declared[2])],
             "stage": str(self.stage), "enc": hx(self._enc.private_bytes()), "mask": hx(self._mask.private_bytes()),
             "b": hx(self._b), "enc_keys": {str(j): hx(k) for j, k in self._enc_keys.items()},
             "pk_mask": {str(j): hx(k) for j, k in self._pk_mask.items()},
@@ -360,6 +386,7 @@ class SecAggClient:
             client.setup, client.id, client.stage = setup, int(s["id"]), Stage(s["stage"])
             client._identity = identity_key
             client._statement = tuple([int(j) for j in part] for part in s["statement"])
+            client._declared = (int(s["declared"][0]), un(s["declared"][1]), un(s["declared"][2]))
             client._check_identity()
             client._enc = crypto.KeyPair.from_private_bytes(un(s["enc"]))
             client._mask = crypto.KeyPair.from_private_bytes(un(s["mask"]))

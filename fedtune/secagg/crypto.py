@@ -6,7 +6,9 @@
   (encryption key vs. mask seed), the round and the (unordered) pair of clients, so the
   same exchange never yields the same key for two purposes, rounds or pairs.
 * ChaCha20-Poly1305 AEAD encrypts shares; the associated data binds sender, receiver,
-  round and stage, so a ciphertext cannot be replayed to another pair or round.
+  round and stage, so a ciphertext cannot be replayed to another pair or round. The same
+  pairwise key, over an empty plaintext, authenticates a statement from one neighbour to the
+  other (``tag``): a MAC only that pair can make or check.
 * Shamir t-of-n secret sharing over GF(2^128) (pycryptodome) shares 32-byte secrets as
   two independent 16-byte halves with the same indices 1..n.
 * The mask PRG is the ChaCha20 keystream under a 32-byte seed (nonce zero: every seed
@@ -33,6 +35,7 @@ DOMAIN = b"fedtune-secagg/v1"
 KEY_BYTES = 32  # X25519 keys, seeds, secrets
 NONCE_BYTES = 12  # ChaCha20-Poly1305 nonce, prepended to each ciphertext
 TAG_BYTES = 16
+TAG_MESSAGE_BYTES = NONCE_BYTES + TAG_BYTES  # tag(): an AEAD of nothing
 SHARE_BYTES = 32  # one share of a 32-byte secret: two 16-byte GF(2^128) shares
 
 # HKDF labels; each use of a key agreement gets its own.
@@ -120,6 +123,22 @@ def decrypt(key: bytes, blob: bytes, ad: bytes) -> bytes:
         return ChaCha20Poly1305(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], ad)
     except InvalidTag:
         raise CryptoError("ciphertext failed authentication") from None
+
+
+def tag(key: bytes, ad: bytes) -> bytes:
+    """An authentication tag on ``ad`` (nonce + Poly1305 tag, 28 bytes): the AEAD of an empty
+    plaintext under a key two clients agreed on, so only they can make it."""
+    return encrypt(key, b"", ad)
+
+
+def tagged(key: bytes, blob: object, ad: bytes) -> bool:
+    """True only for a tag() on exactly ``ad`` under ``key``."""
+    if not isinstance(blob, bytes) or len(blob) != TAG_MESSAGE_BYTES:
+        return False
+    try:
+        return decrypt(key, blob, ad) == b""
+    except CryptoError:
+        return False
 
 
 def share_secret(secret: bytes, threshold: int, count: int) -> list[tuple[int, bytes]]:

@@ -194,5 +194,5 @@ def _collect(msg: Message, context: Context, client: SecAggClient,
     packed = np.frombuffer(reply[MASKED], dtype=np.uint8)
     metrics = {**update.metrics, "upload-bytes": int(packed.size), "secagg-seconds": seconds}
     return Message(RecordDict({MASKED: ArrayRecord({MASKED: Array(packed)}), "metrics": MetricRecord(metrics),
-                               "reply": to_record({k: reply[k] for k in ("real", "decl", "bound", "masked_with") if k in reply}),
+                               "reply": to_record({k: reply[k] for k in ("real", "decl", "bound", "masked_with", "tags") if k in reply}),
                                "client": ConfigRecord(update.client)}), reply_to=msg)

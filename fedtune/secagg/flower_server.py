@@ -227,7 +227,7 @@ def _protocol(server: SecAggServer, stages: _Stages, arrays: ArrayRecord, encodi
         if MASKED in r.content.array_records and MASKED in r.content[MASKED]:
             said = from_record(r.content["reply"]) if "reply" in r.content.config_records else {}
             inputs[n] = {MASKED: r.content[MASKED][MASKED].numpy().tobytes(),
-                         **{k: said[k] for k in ("real", "decl", "bound", "masked_with") if k in said}}
+                         **{k: said[k] for k in ("real", "decl", "bound", "masked_with", "tags") if k in said}}
         else:
             inputs[n] = {}  # rejected by the server: no masked input
     server.receive_collect(inputs)

@@ -45,6 +45,7 @@ SHARE_CIPHERTEXT_BYTES = crypto.NONCE_BYTES + SHARE_PLAINTEXT_BYTES + crypto.TAG
 COMMITMENT_BYTES = 64  # sha256 of the b-share, then of the mask-key share
 KIND_B = b"b"
 KIND_SK = b"sk"
+TAGGED = "tag"  # the associated data's stage field of a neighbour's tag (crypto.tag), no stage's ciphertext
 
 
 class Stage(enum.StrEnum):

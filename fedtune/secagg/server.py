@@ -41,6 +41,7 @@ from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_CIPHERTEXT_BYTES, SecAggAborted, SecAggError, SecAggParams,
     SecAggSetup, Stage, field_mask, field_vector, id_map, pair_mask, self_mask, sign,
 )
+from fedtune.secagg.server_roster import RosterStages
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class SecAggResult:
     real: tuple[int, ...] = ()  # the clients whose input is a real (trained) update
 
 
-class SecAggServer:
+class SecAggServer(RosterStages):
     def __init__(self, params: SecAggParams, client_ids: Iterable[int], graph_seed: bytes | None = None,
                  roster: Mapping[int, bytes] | None = None):
         ids, seed = tuple(client_ids), graph_seed if graph_seed is not None else os.urandom(32)
@@ -77,6 +78,7 @@ class SecAggServer:
         self._masked: dict[int, np.ndarray] = {}
         self._real: set[int] = set()  # clients whose masked input says it is a real (trained) update
         self._sigs: dict[str, dict[int, bytes]] = {"keys": {}, "decl": {}, "survivors": {}}  # with a roster
+        self._tags: dict[str, dict[int, dict[int, bytes]]] = {"decl": {}, "survivors": {}}  # owner -> neighbour -> tag
         self._asked: dict[int, tuple[set[int], set[int]]] = {}  # holder -> (survivors, dropped) asked
         self._bound: dict[int, bytes] = {}  # resends: the input set of their first sum
         self._masked_with: dict[int, bytes] = {}  # each input's declared masking neighbours (protocol.neighbour_bits)
@@ -171,19 +173,6 @@ class SecAggServer:
         self._keep(self.active)
         self.stage = Stage.SHARE
 
-    def _signed(self, cid: int, kind: str, sig: Any, label: bytes, *fields: Any) -> bool:
-        """Without a roster: True. With one: keeps ``sig`` if it is ``cid``'s identity signature
-        over the statement; else rejects ``cid`` (a reply naming another client fails here)."""
-        roster = self.setup.roster
-        if not roster:
-            return True
-        if not identity.verify(roster[cid], sig, label, self.setup.digest, *fields):
-            self._reject(cid, f"client {cid}: stage '{self.stage}': the reply is not signed by client {cid}'s "
-                              "identity key")
-            return False
-        self._sigs[kind][cid] = sig
-        return True
-
     # -- share ------------------------------------------------------------------------
     def share_requests(self) -> dict[int, dict[str, dict[int, bytes]]]:
         """Each active client gets the keys of its active neighbours; its shares go to them."""
@@ -259,6 +248,7 @@ class SecAggServer:
                 self._masked.pop(cid, None)
                 continue
             self._masked_with[cid] = mw
+            self._keep_tags(cid, "decl", msg.get("tags"))
             if bound:
                 self._bound[cid] = bound
             if msg["real"]:
@@ -278,32 +268,6 @@ class SecAggServer:
                 self._need_holders(cid, "mask key")
         self.stage = Stage.CONSISTENCY if self.setup.roster else Stage.UNMASK
 
-    # -- consistency (with a roster) ------------------------------------------------------
-    def consistency_requests(self) -> dict[int, dict[str, Any]]:
-        """Every survivor gets the statement (survivors, which are real, which are resends) and the
-        signed declarations of itself and its surviving neighbours: O(degree), not O(n)."""
-        self._expect(Stage.CONSISTENCY)
-        survivors, real = sorted(self.active), sorted(self._real & self.active)
-        resent, requests = sorted(j for j in real if j in self._bound), {}
-        self._statement = (survivors, real, resent)
-        for cid in survivors:
-            checked = sorted((self.setup.neighbours[cid] & self.active) | {cid})
-            requests[cid] = {"survivors": survivors, "real": real, "resent": resent,
-                             "declarations": {j: self._sigs["decl"][j] for j in checked},
-                             "masked_with": {j: self._masked_with[j] for j in checked},
-                             "bound": {j: self._bound[j] for j in checked if j in self._bound}}
-        return requests
-
-    def receive_consistency(self, replies: Replies) -> None:
-        """Keeps the survivors' signatures; below the quorum: abort. A non-signer stays in the sum, unasked."""
-        self._expect(Stage.CONSISTENCY)
-        for cid, msg in self._replies(replies).items():  # (before consistency_requests: no statement, none valid)
-            self._signed(cid, "survivors", msg.get("sig"), identity.SURVIVORS, *self._statement)
-        signed = len(self._sigs["survivors"])
-        if signed < self.setup.quorum:
-            raise self._abort(f"only {signed} survivors signed the survivor set, {self.setup.quorum} needed")
-        self.stage = Stage.UNMASK
-
     def _need_holders(self, owner: int, what: str) -> None:
         alive = len(set(self._holders[owner]) & self.active)
         if alive < self.threshold:
@@ -322,8 +286,7 @@ class SecAggServer:
             self._asked[cid] = (survivors, dropped)
             requests[cid] = {"survivors": sorted(survivors), "dropped": sorted(dropped)}
             if self.setup.roster:
-                others = sorted((j, s) for j, s in signers.items() if j != cid)  # all it needs: with its own, a quorum
-                requests[cid]["signatures"] = dict(others[:self.setup.quorum - 1])
+                requests[cid].update(self._endorsements(cid))
         return requests
 
     def receive_unmask(self, replies: Replies) -> SecAggResult:

@@ -69,16 +69,17 @@ def _lying_unmask(r: Round) -> dict[int, dict]:
         others = sorted(set(IDS) - {TARGET, c})
         msg = {"survivors": [TARGET], "dropped": others}
         if r.roster:
-            shown = {"survivors": told, "real": told, "declarations": {j: srv._sigs["decl"][j] for j in told},
-                     "masked_with": {j: srv._masked_with[j] for j in told}}
-            sig = r.ask(c, "consistency", shown)
+            def shown(to):  # each neighbour's declaration with its tag for ``to``, all the server holds
+                return {"survivors": told, "real": told, "masked_with": {j: srv._masked_with[j] for j in told},
+                        "declarations": {j: srv._tags["decl"][j][to] for j in told if j != to}}
+            sig = r.ask(c, "consistency", shown(c))
             if sig is None:
                 continue
-            sigs = {c: sig["sig"]}
-            own = r.ask(TARGET, "consistency", shown)  # the target signs one set at most
+            sigs, tags = {c: sig["sig"]}, {}
+            own = r.ask(TARGET, "consistency", shown(TARGET))  # the target signs one set at most
             if own is not None:
-                sigs[TARGET] = own["sig"]
-            msg["signatures"] = sigs
+                sigs[TARGET], tags[TARGET] = own["sig"], own["tags"].get(c)
+            msg["signatures"], msg["tags"] = sigs, tags
         out = r.ask(c, "unmask", msg)
         if out is not None:
             revealed[c] = out
@@ -169,7 +170,7 @@ def test_a_server_claiming_refusers_are_real_is_refused_at_consistency():
     r.to_collect()
     for c, msg in r.server.consistency_requests().items():
         r.ask(c, "consistency", {**msg, "real": [1, 2, 3, 4]})  # and claims the refusers trained
-    assert all("client 2's declaration of its input is missing or not signed" in r.errors[c] for c in IDS)
+    assert all("client 2's declaration of its input is missing, disagrees with the statement" in r.errors[c] for c in IDS)
     r = Round(roster=True, min_inputs=3, real={1: True, 2: False, 3: False, 4: True})
     assert r.server.setup.digest
     r.server.setup.params.__dict__["min_inputs"] = 2
@@ -182,3 +183,46 @@ def test_a_client_whose_roster_key_is_not_its_own_refuses_the_round():
     r = Round(roster=True)
     with pytest.raises(SecAggError, match="roster does not hold this client's identity key"):
         SecAggClient(1, r.server.advertise_request(), identity.generate())
+
+
+def test_a_clients_own_tags_or_declaration_tags_passed_off_as_its_neighbours_endorsements_are_refused():
+    """Neighbours endorse the survivor set with tags under their pairwise key, which the server
+    cannot make. A lying server that holds no endorsement from 2..5 shows client 1 the tags
+    client 1 itself made for them (reflected), or their tags on their declarations (another
+    statement): no quorum, nothing revealed. The genuine tags are enough (so the test can fail)."""
+    for forged in ("reflected", "declarations", None):
+        r = Round(roster=True, ids=[1, 2, 3, 4, 5])  # the full graph: t = 3, quorum 3
+        r.to_collect()
+        srv = r.server
+        srv.receive_consistency({c: r.ask(c, "consistency", m) for c, m in srv.consistency_requests().items()})
+        msg = srv.unmask_requests()[1]
+        assert set(msg["tags"]) == {2, 3} and msg["signatures"] == {}  # with its own, a quorum: no signature to check
+        if forged == "reflected":
+            msg["tags"] = {j: srv._tags["survivors"][1][j] for j in msg["tags"]}
+        elif forged == "declarations":
+            msg["tags"] = {j: srv._tags["decl"][j][1] for j in msg["tags"]}
+        out = r.ask(1, "unmask", msg)
+        if forged is None:
+            assert out is not None and set(out["b_shares"]) == {2, 3, 4, 5} and 1 not in r.errors
+        else:
+            assert out is None and "stage 'unmask': only 1 survivors signed the survivor set" in r.errors[1]
+            assert r.clients[1].stage is Stage.ABORTED and not r.clients[1]._held
+
+
+def test_identity_signatures_verify_as_ed25519_and_a_neutral_key_signs_nothing():
+    """Identity signatures are checked by libsodium: a cryptography (OpenSSL) signature verifies,
+    an altered one or another statement does not, and the neutral-point key with the signature
+    (R = neutral, S = 0), which OpenSSL accepts for every message, verifies none."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = identity.generate()
+    public, sig = identity.public_bytes(key), identity.sign(key, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    assert identity.verify(public, sig, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    assert not identity.verify(public, sig, identity.SURVIVORS, b"d" * 32, [1, 2])
+    assert not identity.verify(public, sig[:-1] + bytes([sig[-1] ^ 1]), identity.SURVIVORS, b"d" * 32, [1, 2, 3])
+    neutral = ed25519.Ed25519PublicKey.from_public_bytes(bytes([1]) + bytes(31))
+    forged = bytes([1]) + bytes(63)
+    neutral.verify(forged, b"any statement")  # OpenSSL: valid (so the check below can fail)
+    der = neutral.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert not identity.verify(der, forged, identity.SURVIVORS, b"d" * 32, [1, 2, 3])
