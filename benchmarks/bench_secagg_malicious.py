@@ -66,14 +66,19 @@ STAGES = ("identify", "graph", "advertise", "share", "collect", "consistency", "
 
 @contextlib.contextmanager
 def counting(meter: Meter):
-    """Counts, per client, the calls of the COUNTED primitives made while it answers a stage."""
+    """Counts, per client, the calls of the COUNTED primitives made while it answers a stage, and
+    their CPU time (under "cpu <name>")."""
     saved = {name: getattr(mod, attr) for name, (mod, attr) in COUNTED.items()}
 
     def counted(name, fn):
         def call(*a, **k):
-            if meter.current is not None:
-                meter.counts[meter.current][name] += 1
-            return fn(*a, **k)
+            if meter.current is None:
+                return fn(*a, **k)
+            t = pc()
+            out = fn(*a, **k)
+            meter.counts[meter.current]["cpu " + name] += pc() - t
+            meter.counts[meter.current][name] += 1
+            return out
         return call
 
     for name, (mod, attr) in COUNTED.items():
@@ -249,6 +254,7 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     return {
         **client_times(runs, list(inputs)),
         "primitives_per_client": {k: med(counts[c][k] for c in inputs) for k in COUNTED},
+        "primitives_s_per_client": {k: med(counts[c]["cpu " + k] for c in inputs) for k in COUNTED},
         "params": d, "clients": n, "fp32_bytes": 4 * d, "runs_each": len(runs),
         "server_s": {"honest": min(h["server_s"] for h, _ in runs), "malicious": min(m["server_s"] for _, m in runs)},
         "upload_bytes": {"honest": med(h["up"].values()), "malicious": med(m["up"].values())},
@@ -324,13 +330,16 @@ def breakdown(result: dict[str, Any]) -> list[str]:
     out = ["\nWhere the added client time goes: per stage, the median client's malicious minus honest time in ms "
            "(paired as above: median over runs of the median client; medians, so they need not add up to the "
            "total; collect carries most of the machine's noise, being most of the round), and the primitives the malicious variant adds, per "
-           "client (median; Ed25519 signatures and their checks, pairwise tags and their checks):\n",
-           "| params | clients | " + " | ".join(STAGES) + " | " + " / ".join(COUNTED) + " |",
-           "|---|---|" + "---|" * (len(STAGES) + 1)]
+           "client (median; Ed25519 signatures and their checks, pairwise tags and their checks), with their CPU "
+           "time in all (timed around each call, in one more malicious round of 1,000 values: what a client signs "
+           "and checks does not depend on the update's size):\n",
+           "| params | clients | " + " | ".join(STAGES) + " | " + " / ".join(COUNTED) + " | their ms |",
+           "|---|---|" + "---|" * (len(STAGES) + 2)]
     for c in result["cases"]:
         by, n = c["added_by_stage_s"], c["primitives_per_client"]
         out.append(f"| {size_label(c['params'])} | {c['clients']} | " + " | ".join(f"{1e3 * by[s]:+.2f}" for s in STAGES)
-                   + " | " + " / ".join(f"{n[k]:g}" for k in COUNTED) + " |")
+                   + " | " + " / ".join(f"{n[k]:g}" for k in COUNTED)
+                   + f" | {1e3 * sum(c['primitives_s_per_client'].values()):.2f} |")
     return out
 
 
@@ -348,7 +357,11 @@ def main() -> None:
     ap.add_argument("--min-cpu-s", type=float, default=60.0,
                     help=f"and more (up to {MAX_REPEAT}) until a case has taken this much CPU time")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", nargs="+", type=Path, help="write --out from these result files' cases (runs made "
+                    "side by side, e.g. one per size) instead of measuring")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     t0, cases = pc(), []
     for i, (d, n) in enumerate((d, n) for d in args.params for n in args.clients):
         print(f"{size_label(d)} x {n} clients ...", flush=True)
@@ -357,6 +370,15 @@ def main() -> None:
         print(f"  client +{c['client_s']['added_median']:.3f} s ({c['client_added_pct']:.1f}%), upload ratio "
               f"{c['upload_ratio_fp32']:.3f}, extra {c['extra_bytes_per_client']}", flush=True)
         write(args, cases, t0)  # after every case: a run stopped early keeps what it measured
+
+
+def merge(files: list[Path], out: Path) -> None:
+    parts = [json.loads(f.read_text()) for f in files]
+    result = {**parts[0], "cases": [c for p in parts for c in p["cases"]],
+              "load": "; ".join(p["load"] for p in parts), "note": "; ".join(p["note"] for p in parts)}
+    result["args"]["params"] = [p for part in parts for p in part["args"]["params"]]
+    (out / "secagg_malicious.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "secagg_malicious.md").write_text(markdown(result))
 
 
 def write(args, cases: list[dict[str, Any]], t0: float) -> None:
