@@ -15,12 +15,13 @@ every round. Loading key files and making the certificate are not timed.
 
 Bytes are payload bytes as in bench_secagg.py (byte strings at their length, numbers at 8).
 Times are CPU seconds of this (single-threaded) process, not wall-clock: on a shared machine
-wall-clock time measures the other jobs. Each variant runs --repeat times, alternating (and
-more, up to 40, until the case took --min-cpu-s: a 1M-parameter round is ~35 ms a client, and
-the machine's load moves it by a few ms), and each client's (and the server's) fastest run
-counts, per stage too: the added time is split
-by stage, and one more untimed malicious run (1,000 values) counts each client's signatures,
-signature checks, tags and tag checks (the primitives the malicious variant adds).
+wall-clock time measures the other jobs. The two variants' rounds run in lockstep (drive): each
+client's answer to a stage in one runs right next to the same answer in the other, so the
+machine's load hits both alike. Each run's added time is the median client's malicious minus
+honest time; --repeat runs at least (more, up to 40, until the case took --min-cpu-s: a
+1M-parameter round is ~35 ms a client); the median over runs is reported with its spread, and a
+cross-check from each client's fastest run. One more malicious run (1,000 values) counts and
+times each client's signatures, signature checks, tags and tag checks.
 
     nice -n 10 python benchmarks/bench_secagg_malicious.py --out benchmarks/results
     python benchmarks/bench_secagg_malicious.py --params 0.1M --clients 10 --out /tmp/x   # seconds
@@ -37,9 +38,8 @@ import platform
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
 from collections.abc import Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +128,7 @@ class Meter:
         return out
 
 
-@dataclass
-class Call:
-    """One client's answer to one stage, waiting to be run."""
-
-    meter: Meter
-    stage: str
-    client: int
-    thunk: Any
+Call = namedtuple("Call", "meter stage client thunk")  # one client's answer to one stage, waiting to be run
 
 
 def drive(rounds: list[Generator]) -> list[dict[str, Any]]:
@@ -250,7 +243,7 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
         runs.append((h, m))
     small = {c: x[:1000] for c, x in inputs.items()}  # what a client signs and checks does not depend on d
     counts = run_variants(1000, n, (True,), args, small, weights, count=True)[0]["counts"]
-    h, m = runs[-1]
+    h, m = runs[-1]  # bytes: the same every run
     return {
         **client_times(runs, list(inputs)),
         "primitives_per_client": {k: med(counts[c][k] for c in inputs) for k in COUNTED},
