@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_secagg import SECAGG, payload_bytes, size_arg, size_label  # noqa: E402
+from secagg_malicious_report import markdown  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from fedtune.secagg import FixedPoint, SecAggClient, SecAggParams, SecAggServer, WeightedFixedPoint  # noqa: E402
@@ -281,59 +282,6 @@ def client_times(runs: list[tuple[dict, dict]], ids: list[int]) -> dict[str, Any
         "added_by_stage_s": {s: med(med(m["stage_s"][s][c] - h["stage_s"][s][c] for c in ids) for h, m in runs)
                              for s in STAGES},
     }
-
-
-def markdown(result: dict[str, Any]) -> str:
-    a = result["args"]
-    out = [
-        "# SecAgg+ secure against a malicious server: added cost over honest-but-curious\n",
-        f"One round, both variants side by side in one process, same inputs (normal(0, {a['scale']}) updates, weights "
-        f"1..{a['max_weight']}), {a['bits']}-bit weighted fixed point, neighbour degree {a['degree']}, no dropouts; "
-        f"identity keys: {a['identity']} (Ed25519{', certified by P-384 SuperNode keys' if a['identity'] == 'deployment' else ''}). {result['machine']}. {result['load']}. {result['note']}.\n",
-        "Times are CPU seconds of the benchmark process (wall-clock on this shared machine measured the other "
-        "jobs). Method: the two variants' rounds run in lockstep, so each client's answer to a stage in one variant "
-        "runs right before or after (order alternating by run) the same answer in the other; per run, the added "
-        "time is the median over clients of each client's malicious minus honest time; the table gives the median "
-        "over runs, its quartiles and range across runs, and, as a cross-check, the same from each client's fastest "
-        "run of each variant. Client s = median client (median over runs), all stages (the malicious variant adds "
-        "identify, graph, the coin-toss check, "
-        "signatures and their checks, the consistency stage). Upload ratio = largest client's upload, all stages, "
-        "over its fp32 update (target ≤ 1.1). Extra KB = the largest client's added upload / download "
-        "(target: under 10 KB per client). Both variants' sums were checked equal.\n",
-        "| params | clients | runs each | client s honest / malicious | added (% of honest round) | quartiles / range "
-        "across runs (%) | fastest-run cross-check | server s honest / malicious | upload ratio | extra KB up / down |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in result["cases"]:
-        cl, sv, ex = c["client_s"], c["server_s"], c["extra_bytes_per_client"]
-        pct = lambda xs: "–".join(f"{100 * x / cl['honest']:.1f}" for x in xs)  # noqa: E731
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | {c['runs_each']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
-                   f"| {1e3 * cl['added_median']:.1f} ms ({c['client_added_pct']:.1f}%) | {pct(cl['added_quartiles'])} / "
-                   f"{pct(cl['added_range'])} | {1e3 * cl['fastest_added']:.1f} ms "
-                   f"({100 * cl['fastest_added'] / cl['fastest_honest']:.1f}%) | {sv['honest']:.2f} / "
-                   f"{sv['malicious']:.2f} | {c['upload_ratio_fp32']:.3f} | {ex['upload'] / 1e3:.2f} / "
-                   f"{ex['download'] / 1e3:.2f} |")
-    out += breakdown(result)
-    out.append("\nPer-client medians and extremes are in secagg_malicious.json.\n")
-    return "\n".join(out)
-
-
-def breakdown(result: dict[str, Any]) -> list[str]:
-    """Where the added client time goes: by stage, and the primitives behind it."""
-    out = ["\nWhere the added client time goes: per stage, the median client's malicious minus honest time in ms "
-           "(paired as above: median over runs of the median client; medians, so they need not add up to the "
-           "total; collect carries most of the machine's noise, being most of the round), and the primitives the malicious variant adds, per "
-           "client (median; Ed25519 signatures and their checks, pairwise tags and their checks), with their CPU "
-           "time in all (timed around each call, in one more malicious round of 1,000 values: what a client signs "
-           "and checks does not depend on the update's size):\n",
-           "| params | clients | " + " | ".join(STAGES) + " | " + " / ".join(COUNTED) + " | their ms |",
-           "|---|---|" + "---|" * (len(STAGES) + 2)]
-    for c in result["cases"]:
-        by, n = c["added_by_stage_s"], c["primitives_per_client"]
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | " + " | ".join(f"{1e3 * by[s]:+.2f}" for s in STAGES)
-                   + " | " + " / ".join(f"{n[k]:g}" for k in COUNTED)
-                   + f" | {1e3 * sum(c['primitives_s_per_client'].values()):.2f} |")
-    return out
 
 
 def main() -> None:
