@@ -318,7 +318,7 @@ def main() -> None:
 def merge(files: list[Path], out: Path) -> None:
     parts = [json.loads(f.read_text()) for f in files]
     result = {**parts[0], "cases": [c for p in parts for c in p["cases"]],
-              "load": "; ".join(p["load"] for p in parts), "note": "; ".join(p["note"] for p in parts)}
+              "load": "; ".join(p["load"] for p in parts), "note": f"{len(parts)} processes side by side: " + "; ".join(p["note"] for p in parts)}
     result["args"]["params"] = [p for part in parts for p in part["args"]["params"]]
     (out / "secagg_malicious.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "secagg_malicious.md").write_text(markdown(result))

@@ -66,6 +66,12 @@ def verdict(cases: list[dict[str, Any]]) -> list[str]:
     def name(c):
         return f"{size_label(c['params'])}/{c['clients']}"
     over = [name(c) for c in cases if c["client_added_pct"] > 10]
+    shaky = "; ".join(f"not robustly at {name(c)}: a quarter of its runs above "
+                      f"{100 * c['client_s']['added_quartiles'][1] / c['client_s']['honest']:.1f}%, the fastest-run "
+                      f"cross-check {100 * c['client_s']['fastest_added'] / c['client_s']['fastest_honest']:.1f}%"
+                      for c in cases if c["client_added_pct"] <= 10 and (
+                          c["client_s"]["added_quartiles"][1] > 0.1 * c["client_s"]["honest"]
+                          or c["client_s"]["fastest_added"] > 0.1 * c["client_s"]["fastest_honest"]))
     prim = ", ".join(f"{name(c)} {100 * sum(c['primitives_s_per_client'].values()) / c['client_s']['honest']:.1f}%"
                      for c in cases)
     return ["\nAgainst the targets: upload ≤ 1.1× fp32 " + ("met" if all(c["upload_ratio_fp32"] <= 1.1 for c in cases)
@@ -73,6 +79,7 @@ def verdict(cases: list[dict[str, Any]]) -> list[str]:
             "per client " + ("met" if all(max(c["extra_bytes_per_client"].values()) < 1e4 for c in cases) else "MISSED")
             + f" (at most {max(max(c['extra_bytes_per_client'].values()) for c in cases) / 1e3:.2f} KB); client time "
             "added ≤ 10% of the honest secure round (median over runs): " + (f"MISSED at {', '.join(over)}" if over
-                                                                             else "met in every case") + ". "
+                                                                             else "met in every case")
+            + (f" ({shaky})" if shaky else "") + ". "
             f"The added primitives alone (timed call by call, so nearly free of the machine's noise) take, as a share "
             f"of the honest round: {prim}."]
