@@ -15,12 +15,13 @@ every round. Loading key files and making the certificate are not timed.
 
 Bytes are payload bytes as in bench_secagg.py (byte strings at their length, numbers at 8).
 Times are CPU seconds of this (single-threaded) process, not wall-clock: on a shared machine
-wall-clock time measures the other jobs. Each variant runs --repeat times, alternating (and
-more, up to 40, until the case took --min-cpu-s: a 1M-parameter round is ~35 ms a client, and
-the machine's load moves it by a few ms), and each client's (and the server's) fastest run
-counts, per stage too: the added time is split
-by stage, and one more untimed malicious run (1,000 values) counts each client's signatures,
-signature checks, tags and tag checks (the primitives the malicious variant adds).
+wall-clock time measures the other jobs. The two variants' rounds run in lockstep (drive): each
+client's answer to a stage in one runs right next to the same answer in the other, so the
+machine's load hits both alike. Each run's added time is the median client's malicious minus
+honest time; --repeat runs at least (more, up to 40, until the case took --min-cpu-s: a
+1M-parameter round is ~35 ms a client); the median over runs is reported with its spread, and a
+cross-check from each client's fastest run. One more malicious run (1,000 values) counts and
+times each client's signatures, signature checks, tags and tag checks.
 
     nice -n 10 python benchmarks/bench_secagg_malicious.py --out benchmarks/results
     python benchmarks/bench_secagg_malicious.py --params 0.1M --clients 10 --out /tmp/x   # seconds
@@ -30,13 +31,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import gc
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections import Counter
+from collections import Counter, namedtuple
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_secagg import SECAGG, payload_bytes, size_arg, size_label  # noqa: E402
+from secagg_malicious_report import markdown  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from fedtune.secagg import FixedPoint, SecAggClient, SecAggParams, SecAggServer, WeightedFixedPoint  # noqa: E402
@@ -63,14 +68,19 @@ STAGES = ("identify", "graph", "advertise", "share", "collect", "consistency", "
 
 @contextlib.contextmanager
 def counting(meter: Meter):
-    """Counts, per client, the calls of the COUNTED primitives made while it answers a stage."""
+    """Counts, per client, the calls of the COUNTED primitives made while it answers a stage, and
+    their CPU time (under "cpu <name>")."""
     saved = {name: getattr(mod, attr) for name, (mod, attr) in COUNTED.items()}
 
     def counted(name, fn):
         def call(*a, **k):
-            if meter.current is not None:
-                meter.counts[meter.current][name] += 1
-            return fn(*a, **k)
+            if meter.current is None:
+                return fn(*a, **k)
+            t = pc()
+            out = fn(*a, **k)
+            meter.counts[meter.current]["cpu " + name] += pc() - t
+            meter.counts[meter.current][name] += 1
+            return out
         return call
 
     for name, (mod, attr) in COUNTED.items():
@@ -100,18 +110,44 @@ class Meter:
         self.server += pc() - t
         return out
 
-    def ask(self, stage: str, requests: dict[int, Any], fn) -> dict[int, Any]:
-        """Each client's reply to its request in ``stage``, timed and counted."""
+    def ask(self, stage: str, requests: dict[int, Any], fn) -> Iterator[Call]:
+        """Each client's reply to its request in ``stage`` (a generator: it yields each client's
+        call for the driver to run, in lockstep with the other variant's, and returns the replies)."""
         replies = {}
         for c, req in requests.items():
             self.down[c] += payload_bytes(req)
-            self.current, t = c, pc()
-            replies[c] = fn(c, req)
-            dt, self.current = pc() - t, None
-            self.client[c] += dt
-            self.stage[stage][c] += dt
+            replies[c] = yield Call(self, stage, c, functools.partial(fn, c, req))
             self.up[c] += payload_bytes(replies[c])
         return replies
+
+    def call(self, stage: str, c: int, thunk) -> Any:
+        """Runs one client's answer, timed (and counted)."""
+        self.current, t = c, pc()
+        out = thunk()
+        dt, self.current = pc() - t, None
+        self.client[c] += dt
+        self.stage[stage][c] += dt
+        return out
+
+
+Call = namedtuple("Call", "meter stage client thunk")  # one client's answer to one stage, waiting to be run
+
+
+def drive(rounds: list[Generator]) -> list[dict[str, Any]]:
+    """Runs the variants' rounds in lockstep: at every step, each round waiting at the earliest
+    stage answers one client call, in the order given, so the same client's same stage in the two
+    variants runs back to back (milliseconds apart) and the machine's load hits both alike."""
+    calls: dict[int, Any] = {i: next(g) for i, g in enumerate(rounds)}
+    results: dict[int, Any] = {}
+    while calls:
+        first = min(STAGES.index(c.stage) for c in calls.values())
+        for i in [i for i, c in calls.items() if STAGES.index(c.stage) == first]:
+            call = calls.pop(i)
+            try:
+                calls[i] = rounds[i].send(call.meter.call(call.stage, call.client, call.thunk))
+            except StopIteration as done:
+                results[i] = done.value
+    return [results[i] for i in range(len(rounds))]
 
 
 def _identity_keys(ids):
@@ -119,7 +155,7 @@ def _identity_keys(ids):
     return {c: identity.generate() for c in ids}, {c: ec.generate_private_key(ec.SECP384R1()) for c in ids}
 
 
-def _coin_toss(ids, keys, registered, meter: Meter, deployment: bool) -> tuple[dict[int, Any], bytes]:
+def _coin_toss(ids, keys, registered, meter: Meter, deployment: bool) -> Generator:
     """identify (with the certificate in deployment) and graph, as flower_server/flower_client
     run them: setup extras, graph seed."""
     server_seed = os.urandom(32)
@@ -138,32 +174,33 @@ def _coin_toss(ids, keys, registered, meter: Meter, deployment: bool) -> tuple[d
             reply["cert"] = certs[c]
         return reply
 
-    replies = meter.ask("identify", {c: {"graph_commit": commit} for c in ids}, identify)
+    replies = yield from meter.ask("identify", {c: {"graph_commit": commit} for c in ids}, identify)
     if deployment:  # admission: each certificate checked against the registered key
         for c, r in replies.items():
             assert meter.serve(identity.verify, reg_pub[c], r["cert"], identity.CERTIFY, b"", r["identity"])
     commits = {c: r["nonce_commit"] for c, r in replies.items()}
     shown = meter.serve(coin.digest, commits)
-    revealed = meter.ask("graph", {c: {"commits_digest": shown} for c in ids}, lambda c, req: {"nonce": nonces[c]})
+    revealed = yield from meter.ask("graph", {c: {"commits_digest": shown} for c in ids}, lambda c, req: {"nonce": nonces[c]})
     graph_seed = meter.serve(coin.draw, server_seed, {c: r["nonce"] for c, r in revealed.items()})
     extra = {"server_seed": server_seed, "nonces": {c: r["nonce"] for c, r in revealed.items()}}
     return {"extra": extra, "commit": commit, "shown": shown, "nonces": nonces}, graph_seed
 
 
-def run_variant(d: int, n: int, malicious: bool, args, inputs, weights, count: bool = False) -> dict[str, Any]:
-    meter = Meter(list(range(1, n + 1)))
-    with counting(meter) if count else contextlib.nullcontext():
-        return _run_variant(meter, d, n, malicious, args, inputs, weights)
+def run_variants(d: int, n: int, order: tuple[bool, ...], args, inputs, weights, count: bool = False) -> list[dict]:
+    """One round of each variant in ``order`` (malicious or not), run in lockstep."""
+    meters = [Meter(list(range(1, n + 1))) for _ in order]
+    with counting(meters[-1]) if count else contextlib.nullcontext():
+        return drive([_run_variant(meter, d, n, m, args, inputs, weights) for meter, m in zip(meters, order)])
 
 
-def _run_variant(meter: Meter, d: int, n: int, malicious: bool, args, inputs, weights) -> dict[str, Any]:
+def _run_variant(meter: Meter, d: int, n: int, malicious: bool, args, inputs, weights) -> Generator:
     ids = list(meter.client)
     enc = WeightedFixedPoint(FixedPoint(clip=args.clip, bits=args.bits, n_max=n), max_weight=float(args.max_weight))
     params = SecAggParams(field_bits=enc.field_bits, length=enc.length(d), degree=args.degree, min_inputs=2)
     keys, toss, seed = {}, None, None
     if malicious:
         keys, registered = _identity_keys(ids)
-        toss, seed = _coin_toss(ids, keys, registered, meter, args.identity == "deployment")
+        toss, seed = yield from _coin_toss(ids, keys, registered, meter, args.identity == "deployment")
     roster = {c: identity.public_bytes(keys[c]) for c in ids} if malicious else {}
     server = meter.serve(lambda: SecAggServer(params, ids, graph_seed=seed, roster=roster))
     setup = meter.serve(server.advertise_request)
@@ -176,20 +213,20 @@ def _run_variant(meter: Meter, d: int, n: int, malicious: bool, args, inputs, we
         return clients[c].advertise_keys()
 
     requests = {c: {**setup, **(toss["extra"] if malicious else {})} for c in ids}
-    meter.serve(server.receive_advertise, meter.ask("advertise", requests, advertise))
-    meter.serve(server.receive_share, meter.ask("share", meter.serve(server.share_requests),
-                                                lambda c, r: clients[c].share_keys(r)))
+    meter.serve(server.receive_advertise, (yield from meter.ask("advertise", requests, advertise)))
+    meter.serve(server.receive_share, (yield from meter.ask("share", meter.serve(server.share_requests),
+                                                            lambda c, r: clients[c].share_keys(r))))
 
     def collect(c, req):
         clients[c].receive_shares(req)
         return clients[c].masked_input(enc.encode(inputs[c], weights[c], seed=c.to_bytes(32, "big")))
 
-    meter.serve(server.receive_collect, meter.ask("collect", meter.serve(server.collect_requests), collect))
+    meter.serve(server.receive_collect, (yield from meter.ask("collect", meter.serve(server.collect_requests), collect)))
     if malicious:
-        meter.serve(server.receive_consistency, meter.ask("consistency", meter.serve(server.consistency_requests),
-                                                          lambda c, r: clients[c].consistency(r)))
-    result = meter.serve(server.receive_unmask, meter.ask("unmask", meter.serve(server.unmask_requests),
-                                                          lambda c, r: clients[c].unmask(r)))
+        meter.serve(server.receive_consistency, (yield from meter.ask(
+            "consistency", meter.serve(server.consistency_requests), lambda c, r: clients[c].consistency(r))))
+    result = meter.serve(server.receive_unmask, (yield from meter.ask(
+        "unmask", meter.serve(server.unmask_requests), lambda c, r: clients[c].unmask(r))))
     avg, _ = meter.serve(enc.decode, result.total, n)
     return {"client_s": meter.client, "stage_s": meter.stage, "up": meter.up, "down": meter.down,
             "server_s": meter.server, "avg": avg / sum(weights.values()), "counts": meter.counts}
@@ -199,32 +236,23 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     rng = np.random.default_rng(d + n)
     inputs = {c: (rng.standard_normal(d, dtype=np.float32) * np.float32(args.scale)) for c in range(1, n + 1)}
     weights = {c: float(rng.integers(1, args.max_weight + 1)) for c in inputs}
-    runs: dict[str, dict[str, Any]] = {}
-    t0, r = pc(), 0
-    while r < args.repeat or (pc() - t0 < args.min_cpu_s and r < MAX_REPEAT):  # cheap cases run more often
-        r += 1
-        for malicious in ((False, True) if (order + r) % 2 == 0 else (True, False)):  # alternating, each
-            # client's fastest run counts: the least of the machine's load
-            run = run_variant(d, n, malicious, args, inputs, weights)
-            best = runs.setdefault("malicious" if malicious else "honest", run)
-            best["client_s"] = {c: min(best["client_s"][c], run["client_s"][c]) for c in run["client_s"]}
-            best["stage_s"] = {s: {c: min(t[c], run["stage_s"][s][c]) for c in t} for s, t in best["stage_s"].items()}
-            best["server_s"] = min(best["server_s"], run["server_s"])
-    h, m = runs["honest"], runs["malicious"]
-    runs_each = r
-    assert np.array_equal(h["avg"], m["avg"]), "the two variants must give the same sum"
-    med = lambda xs: float(statistics.median(xs))  # noqa: E731
-    added = [m["client_s"][c] - h["client_s"][c] for c in inputs]
+    runs: list[tuple[dict[str, Any], dict[str, Any]]] = []  # (honest, malicious), each run in lockstep
+    t0 = pc()
+    while len(runs) < args.repeat or (pc() - t0 < args.min_cpu_s and len(runs) < MAX_REPEAT):  # cheap cases: more
+        variants = (False, True) if (order + len(runs)) % 2 == 0 else (True, False)  # who answers first, alternating
+        h, m = (dict(zip(variants, run_variants(d, n, variants, args, inputs, weights)))[v] for v in (False, True))
+        assert np.array_equal(h.pop("avg"), m.pop("avg")), "the two variants must give the same sum"
+        runs.append((h, m))  # without the sums: no run's arrays stay behind
+        gc.collect()  # between runs, untimed: neither variant pays for the other's (or an earlier run's) garbage
     small = {c: x[:1000] for c, x in inputs.items()}  # what a client signs and checks does not depend on d
-    counts = run_variant(1000, n, True, args, small, weights, count=True)["counts"]
+    counts = run_variants(1000, n, (True,), args, small, weights, count=True)[0]["counts"]
+    h, m = runs[-1]  # bytes: the same every run
     return {
-        "added_by_stage_s": {s: med(m["stage_s"][s][c] - h["stage_s"][s][c] for c in inputs) for s in STAGES},
+        **client_times(runs, list(inputs)),
         "primitives_per_client": {k: med(counts[c][k] for c in inputs) for k in COUNTED},
-        "params": d, "clients": n, "fp32_bytes": 4 * d, "runs_each": runs_each,
-        "client_s": {"honest": med(h["client_s"].values()), "malicious": med(m["client_s"].values()),
-                     "added_median": med(added), "added_max": max(added)},
-        "client_added_pct": 100 * med(added) / med(h["client_s"].values()),
-        "server_s": {"honest": h["server_s"], "malicious": m["server_s"]},
+        "primitives_s_per_client": {k: med(counts[c]["cpu " + k] for c in inputs) for k in COUNTED},
+        "params": d, "clients": n, "fp32_bytes": 4 * d, "runs_each": len(runs),
+        "server_s": {"honest": min(h["server_s"] for h, _ in runs), "malicious": min(m["server_s"] for _, m in runs)},
         "upload_bytes": {"honest": med(h["up"].values()), "malicious": med(m["up"].values())},
         "download_bytes": {"honest": med(h["down"].values()), "malicious": med(m["down"].values())},
         "upload_ratio_fp32": max(m["up"].values()) / (4 * d),
@@ -233,47 +261,29 @@ def run_case(d: int, n: int, args, order: int) -> dict[str, Any]:
     }
 
 
-def markdown(result: dict[str, Any]) -> str:
-    a = result["args"]
-    out = [
-        "# SecAgg+ secure against a malicious server: added cost over honest-but-curious\n",
-        f"One round, both variants side by side in one process, same inputs (normal(0, {a['scale']}) updates, weights "
-        f"1..{a['max_weight']}), {a['bits']}-bit weighted fixed point, neighbour degree {a['degree']}, no dropouts; "
-        f"identity keys: {a['identity']} (Ed25519{', certified by P-384 SuperNode keys' if a['identity'] == 'deployment' else ''}). {result['machine']}. {result['load']}. {result['note']}.\n",
-        "Times are CPU seconds of the benchmark process (wall-clock on this shared machine measured the other "
-        "jobs); runs each = runs of each variant, alternating; each client's fastest counts. Client s = median "
-        "client, all stages (the malicious variant adds identify, graph, the coin-toss check, "
-        "signatures and their checks, the consistency stage). Upload ratio = largest client's upload, all stages, "
-        "over its fp32 update (target ≤ 1.1). Extra KB = the largest client's added upload / download "
-        "(target: under 10 KB per client). Both variants' sums were checked equal.\n",
-        "| params | clients | runs each | client s honest / malicious | added (% of honest round) | server s honest / "
-        "malicious | upload ratio | extra KB up / down |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in result["cases"]:
-        cl, sv, ex = c["client_s"], c["server_s"], c["extra_bytes_per_client"]
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | {c['runs_each']} | {cl['honest']:.3f} / {cl['malicious']:.3f} "
-                   f"| {cl['added_median']:.3f} s ({c['client_added_pct']:.1f}%) | {sv['honest']:.2f} / "
-                   f"{sv['malicious']:.2f} | {c['upload_ratio_fp32']:.3f} | {ex['upload'] / 1e3:.2f} / "
-                   f"{ex['download'] / 1e3:.2f} |")
-    out += breakdown(result)
-    out.append("\nPer-client medians and extremes are in secagg_malicious.json.\n")
-    return "\n".join(out)
+def med(xs) -> float:
+    return float(statistics.median(xs))
 
 
-def breakdown(result: dict[str, Any]) -> list[str]:
-    """Where the added client time goes: by stage, and the primitives behind it."""
-    out = ["\nWhere the added client time goes: per stage, the median client's malicious minus honest time in ms "
-           "(each client's fastest run; medians, so they need not add up to the total above; collect carries most "
-           "of the machine's noise, being most of the round), and the primitives the malicious variant adds, per "
-           "client (median; Ed25519 signatures and their checks, pairwise tags and their checks):\n",
-           "| params | clients | " + " | ".join(STAGES) + " | " + " / ".join(COUNTED) + " |",
-           "|---|---|" + "---|" * (len(STAGES) + 1)]
-    for c in result["cases"]:
-        by, n = c["added_by_stage_s"], c["primitives_per_client"]
-        out.append(f"| {size_label(c['params'])} | {c['clients']} | " + " | ".join(f"{1e3 * by[s]:+.2f}" for s in STAGES)
-                   + " | " + " / ".join(f"{n[k]:g}" for k in COUNTED) + " |")
-    return out
+def client_times(runs: list[tuple[dict, dict]], ids: list[int]) -> dict[str, Any]:
+    """The median client's added time. Headline (paired): in each run, the median over clients of
+    each client's malicious minus honest time (its two answers ran back to back), then the median
+    over runs, with its spread across runs. Cross-check (fastest): each client's fastest run of
+    each variant, the median client's difference."""
+    paired = [med(m["client_s"][c] - h["client_s"][c] for c in ids) for h, m in runs]
+    honest = med(med(h["client_s"].values()) for h, _ in runs)
+    fastest = {v: {c: min(run[i]["client_s"][c] for run in runs) for c in ids} for i, v in enumerate(("h", "m"))}
+    q = statistics.quantiles(paired, n=4) if len(paired) > 1 else [paired[0]] * 3
+    return {
+        "client_s": {"honest": honest, "malicious": med(med(m["client_s"].values()) for _, m in runs),
+                     "added_median": med(paired), "added_quartiles": [q[0], q[2]],
+                     "added_range": [min(paired), max(paired)], "added_per_run": paired,
+                     "fastest_honest": med(fastest["h"].values()), "fastest_malicious": med(fastest["m"].values()),
+                     "fastest_added": med(fastest["m"][c] - fastest["h"][c] for c in ids)},
+        "client_added_pct": 100 * med(paired) / honest,
+        "added_by_stage_s": {s: med(med(m["stage_s"][s][c] - h["stage_s"][s][c] for c in ids) for h, m in runs)
+                             for s in STAGES},
+    }
 
 
 def main() -> None:
@@ -290,7 +300,11 @@ def main() -> None:
     ap.add_argument("--min-cpu-s", type=float, default=60.0,
                     help=f"and more (up to {MAX_REPEAT}) until a case has taken this much CPU time")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", nargs="+", type=Path, help="write --out from these result files' cases (runs made "
+                    "side by side, e.g. one per size) instead of measuring")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     t0, cases = pc(), []
     for i, (d, n) in enumerate((d, n) for d in args.params for n in args.clients):
         print(f"{size_label(d)} x {n} clients ...", flush=True)
@@ -299,6 +313,15 @@ def main() -> None:
         print(f"  client +{c['client_s']['added_median']:.3f} s ({c['client_added_pct']:.1f}%), upload ratio "
               f"{c['upload_ratio_fp32']:.3f}, extra {c['extra_bytes_per_client']}", flush=True)
         write(args, cases, t0)  # after every case: a run stopped early keeps what it measured
+
+
+def merge(files: list[Path], out: Path) -> None:
+    parts = [json.loads(f.read_text()) for f in files]
+    result = {**parts[0], "cases": [c for p in parts for c in p["cases"]],
+              "load": "; ".join(p["load"] for p in parts), "note": f"{len(parts)} processes side by side: " + "; ".join(p["note"] for p in parts)}
+    result["args"]["params"] = [p for part in parts for p in part["args"]["params"]]
+    (out / "secagg_malicious.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "secagg_malicious.md").write_text(markdown(result))
 
 
 def write(args, cases: list[dict[str, Any]], t0: float) -> None:
