@@ -19,7 +19,7 @@ from flwr.app import Context, Message
 from fedtune import revealed
 from fedtune.client.reply import error_reply, named_reply, update_reply
 from fedtune.client.round import local_round
-from fedtune.client.secure import bind, check_encoding, client_name, identity_file, min_inputs
+from fedtune.client.secure import bind, check_encoding, client_name, colluders, identity_file, min_inputs
 from fedtune.client.setup import setup
 from fedtune.client.state import full_adapter
 from fedtune.errors import FedtuneError
@@ -36,7 +36,8 @@ def handle_train(msg: Message, context: Context) -> Message:
             return handle_stage(msg, context, lambda m: local_round(m, context, secure=True),
                                 check=lambda encoding: check_encoding(context, encoding),
                                 min_inputs=lambda: min_inputs(context), who=lambda: client_name(context),
-                                bind=lambda r, digest: bind(context, r, digest), keep=lambda: identity_file(context))
+                                bind=lambda r, digest: bind(context, r, digest), keep=lambda: identity_file(context),
+                                colluders=lambda: colluders(context))
         except FedtuneError as exc:  # names the peer or the problem; the server drops us this round
             return error_reply(msg, f"node {context.node_id} (secure aggregation)", exc)
     update = local_round(msg, context, secure=False)

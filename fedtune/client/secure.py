@@ -48,6 +48,14 @@ def min_inputs(context: Context) -> int:
     return node.min_inputs if node is not None else config_from_context(context).secagg.min_inputs
 
 
+def colluders(context: Context) -> int:
+    """The corrupted clients this client's secure rounds must tolerate: the run config's, raised
+    to client.toml's policy.secagg_colluders in deployment (the server cannot lower it)."""
+    node = deployed_node(context.node_config)
+    own = config_from_context(context).secagg.colluders
+    return max(own, node.policy.secagg_colluders) if node is not None else own
+
+
 def check_encoding(context: Context, encoding) -> None:
     """Distributed DP: this client adds the noise its own config calls for; a server asking
     for other parameters (less noise, another clip) gets a refusal.

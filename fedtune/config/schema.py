@@ -111,6 +111,7 @@ class SecAggSection:
     degree: int = 8  # neighbours per client (the full graph when there are fewer clients)
     threshold: int = 0  # shares needed to rebuild a secret; 0 = a majority of the neighbours
     min_inputs: int = 3  # fewest real inputs (not refusals, not dropouts) in a released sum
+    colluders: int = 0  # corrupted clients (besides the server) tolerated: raises t and the quorum (robustness cost)
 
 
 @dataclass(frozen=True)

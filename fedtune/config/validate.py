@@ -146,8 +146,19 @@ def _secagg(cfg: Config) -> None:
         _check(g.degree >= 2 and g.degree % 2 == 0, f"secagg.degree must be even and >= 2 (got {g.degree}): each "
                "client gets degree/2 neighbours on either side of a ring")
         _check(g.threshold >= 0, f"secagg.threshold must be >= 0 (got {g.threshold}); 0 = a majority of the neighbours")
+        _colluders(g, cfg.clients_per_round)
         _check(2 <= g.min_inputs <= cfg.clients_per_round, f"secagg.min_inputs must be in 2..{cfg.clients_per_round} "
                f"(the clients per round; got {g.min_inputs}): a sum of one input is that input")
+
+
+def _colluders(g, n: int) -> None:
+    """c colluders need t >= floor((k + c)/2) + 1 <= k (then the quorum floor((n + c)/2) + 1 <= n too)."""
+    k = min(g.degree, n - 1)
+    _check(0 <= g.colluders < k, f"secagg.colluders must be in 0..{k - 1} with {n} clients per round and "
+           f"{k} neighbours each (got {g.colluders}): t must exceed (k + colluders)/2 and stay <= k")
+    need = (k + g.colluders) // 2 + 1
+    _check(g.threshold == 0 or g.threshold >= need, f"secagg.threshold = {g.threshold} is below the {need} that "
+           f"secagg.colluders = {g.colluders} needs with {k} neighbours; set it to 0 (automatic) or >= {need}")
 
 
 def _audit(cfg: Config) -> None:

@@ -28,6 +28,7 @@ class Policy:
     max_client_epsilon: float = 0.0  # under client_dp: the largest client-level ε (target and budget) accepted; 0 = any
     reveal_losses: bool = False  # under DP: send per-client losses (covered by no DP); the server cannot turn it on
     models: list = field(default_factory=list)  # base models a run may name besides the built-ins (names, folders)
+    secagg_colluders: int = 0  # corrupted clients (besides the server) a secure round must tolerate; the run may raise it
 
     def check(self, where: str) -> Policy:
         """This policy, or FedtuneError naming ``where`` and the fix."""
@@ -44,6 +45,8 @@ class Policy:
             raise FedtuneError(f"{where}: policy.max_client_epsilon must be a finite ε >= 0 (got {self.max_client_epsilon})")
         if not isinstance(self.models, list) or not all(isinstance(m, str) and m.strip() for m in self.models):
             raise FedtuneError(f"{where}: policy.models must be a list of model names or folders (got {self.models!r})")
+        if not (isinstance(self.secagg_colluders, int) and self.secagg_colluders >= 0):
+            raise FedtuneError(f"{where}: policy.secagg_colluders must be an integer >= 0 (got {self.secagg_colluders!r})")
         if self.max_client_epsilon > 0 and not self.client_dp:
             raise FedtuneError(f"{where}: policy.max_client_epsilon applies under policy.client_dp = true; set both or "
                                "set max_client_epsilon = 0")
@@ -54,7 +57,8 @@ class Policy:
         return {"policy-dp": self.dp, "policy-max-delta": self.max_delta,
                 "policy-accountants": ",".join(self.accountants), "policy-secagg": self.secagg,
                 "policy-client-dp": self.client_dp, "policy-max-client-epsilon": self.max_client_epsilon,
-                "policy-reveal-losses": self.reveal_losses, "policy-models": "\n".join(self.models)}
+                "policy-reveal-losses": self.reveal_losses, "policy-models": "\n".join(self.models),
+                "policy-secagg-colluders": self.secagg_colluders}
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> Policy:
@@ -66,7 +70,8 @@ class Policy:
                    bool(node_config.get("policy-client-dp", d.client_dp)),
                    float(node_config.get("policy-max-client-epsilon", d.max_client_epsilon)),
                    bool(node_config.get("policy-reveal-losses", d.reveal_losses)),
-                   [m for m in str(node_config.get("policy-models", "")).split("\n") if m]).check("the node config")
+                   [m for m in str(node_config.get("policy-models", "")).split("\n") if m],
+                   int(node_config.get("policy-secagg-colluders", d.secagg_colluders))).check("the node config")
 
     def model_violation(self, name: str) -> str:
         """'' if this client may load the base model ``name``, else why not: a run may name a

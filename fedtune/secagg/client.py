@@ -13,19 +13,19 @@
     reply = client.unmask(msg)                     # msg {"survivors", "dropped": [j], "tags", "signatures": {j: ..}}
                                                    # -> {"b_shares": {j: bytes}, "sk_shares": {j: bytes}}
 
-Key pairs and the self-mask seed are fresh per object, so revealing a dropped client's
-mask key exposes nothing beyond this round. The client refuses keys from non-neighbours,
-repeated public keys, ciphertexts or shares that fail their checks (naming the sender),
-and ever revealing both shares of one neighbour. Any error leaves it aborted.
-
-With a roster (malicious-server mode) the client also signs, with its identity key, the keys
-it advertises, whether its input is real and the survivor set it is told, and tags the last
-two for each neighbour (crypto.tag, their share-stage key: far cheaper to check than a
-signature). It refuses keys its neighbours did not sign, a survivor set with fewer than
-min_inputs real inputs or with a surviving neighbour whose tagged declaration disagrees, and
-reveals shares only after a quorum of survivors endorsed the very statement it signed, it
-masked with every surviving neighbour (at least t of them) and the server's request matches
-that set. Every refusal names the stage and the party (the argument: docs/secure-aggregation.md).
+Key pairs and the self-mask seed are fresh per object, so revealing a dropped client's mask key
+exposes nothing beyond this round. The client refuses keys from non-neighbours, repeated public
+keys, ciphertexts or shares that fail their checks (naming the sender), and ever revealing both
+shares of one neighbour. Any error leaves it aborted. With a roster (malicious-server mode) it
+also signs, with its identity key, the keys it advertises, whether its input is real and the
+survivor set it is told, and tags the last two for each neighbour (crypto.tag, their share-stage
+key: far cheaper to check than a signature). It refuses keys its neighbours did not sign, a
+survivor set with fewer than min_inputs real inputs or with a surviving neighbour whose tagged
+declaration disagrees, and reveals shares only after a quorum of survivors endorsed the very
+statement it signed, it masked with every surviving neighbour (at least t of them) and the
+server's request matches that set; with its own ``colluders`` c > 0, it refuses at advertise a
+setup whose t or quorum c corrupted clients could split. Every refusal names the stage and the
+party (the argument: docs/secure-aggregation.md).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from fedtune.secagg import crypto, identity
 from fedtune.secagg.encoding import field_dtype, pack
 from fedtune.secagg.protocol import (
     COMMITMENT_BYTES, KIND_B, KIND_SK, SHARE_PLAINTEXT_BYTES, TAGGED, SecAggAborted, SecAggError, SecAggSetup,
-    Stage, as_message, field_mask, from_bits, id_list, id_map, neighbour_bits, pair_mask, paired_maps, self_mask, sign,
-)
+    Stage, as_message, colluder_quorum, colluder_shortfall, field_mask, from_bits, id_list, id_map, neighbour_bits,
+    pair_mask, paired_maps, self_mask, sign)
 
 
 @dataclass(frozen=True)
@@ -57,12 +57,12 @@ class HeldShare:
 
 class SecAggClient:
     def __init__(self, client_id: int, setup: SecAggSetup | dict[str, Any],
-                 identity_key: identity.SigningKey | None = None):
+                 identity_key: identity.SigningKey | None = None, colluders: int = 0):
         self.setup = setup if isinstance(setup, SecAggSetup) else SecAggSetup.from_message(setup)
         self.id = int(client_id)
         if self.id not in self.setup.neighbours:
             raise SecAggError(f"client {self.id}: not among the round's clients")
-        self._identity = identity_key
+        self._identity, self.colluders = identity_key, int(colluders)  # c: this client's own, not the server's
         self._check_identity()
         self._statement: tuple[list[int], ...] = ([], [], [])  # (survivors, real, resent) it signed
         self._declared: tuple[int, bytes, bytes] = (0, b"", b"")  # its own (real, bound, masked_with)
@@ -80,6 +80,8 @@ class SecAggClient:
         if roster and (self._identity is None or identity.public_bytes(self._identity) != roster[self.id]):
             raise SecAggError(f"client {self.id}: stage 'advertise': the server's roster does not hold this client's "
                               "identity key; refusing the round")
+        if self.colluders and (short := colluder_shortfall(self.setup, self.colluders)):
+            raise SecAggError(f"client {self.id}: stage 'advertise': {short}; refusing the round, nothing revealed")
 
     def _sign(self, label: bytes, *fields: bytes | int | list[int]) -> bytes:
         assert self._identity is not None
@@ -122,7 +124,6 @@ class SecAggClient:
             reply["sig"] = self._sign(identity.ADVERTISE, self.id, self._enc.public, self._mask.public)
         return reply
 
-    # -- share ------------------------------------------------------------------------
     def share_keys(self, msg: dict[str, Any]) -> dict[str, dict[int, bytes]]:
         self._enter(Stage.SHARE)
         try:
@@ -170,7 +171,6 @@ class SecAggClient:
         self.stage = Stage.COLLECT
         return {"ciphertexts": ciphertexts, "commitments": commitments}
 
-    # -- collect ----------------------------------------------------------------------
     def receive_shares(self, msg: dict[str, Any]) -> None:
         self._enter(Stage.COLLECT)
         if self._held:
@@ -317,19 +317,20 @@ class SecAggClient:
         its tag, any other survivor with its signature: an honest client makes both at once, on
         its one statement, so either counts it once."""
         me, signed = self.id, self._statement[0]
+        quorum = max(self.setup.quorum, colluder_quorum(self.setup.n, self.colluders))  # its own c, not the server's
         sigs = id_map(msg.get("signatures", {}), "signatures", me)
         tags = id_map(msg.get("tags", {}), "tags", me)
         data = identity.statement(identity.SURVIVORS, self.setup.digest, *self._statement)
         valid = [me] + [j for j in sorted(self.neighbours & set(signed) & set(tags)) if self._tagged_by(j, tags[j], data)]
         for j in signed:  # a quorum is enough: signatures only for what the tags leave
-            if j not in valid and len(valid) < self.setup.quorum and \
+            if j not in valid and len(valid) < quorum and \
                     identity.verify_statement(self.setup.roster[j], sigs.get(j), data):
                 valid.append(j)
-        if len(valid) < self.setup.quorum:
+        if len(valid) < quorum:
             bad = sorted(set(sigs) - set(valid))
             raise self._fail(SecAggError(
                 f"client {me}: stage 'unmask': only {len(valid)} survivors signed the survivor set this client was "
-                f"told, {self.setup.quorum} needed (server or clients {bad[:5]} disagree); revealing nothing"))
+                f"told, {quorum} needed (server or clients {bad[:5]} disagree); revealing nothing"))
         inside = sorted(j for j in self._held if j in signed)
         outside = sorted(j for j in self._held if j not in signed)
         if sorted(survivors) != inside or sorted(dropped) != outside:
@@ -366,8 +367,8 @@ class SecAggClient:
         state = {
             "setup": {**self.setup.to_message(), "graph_seed": hx(self.setup.graph_seed),
                       "roster": {str(j): hx(k) for j, k in self.setup.roster.items()}},
-            "id": self.id, "statement": self._statement, "declared": [self._declared[0], hx(self._declared[1]),
-                                                                          hx(self._declared[2])],
+            "id": self.id, "colluders": self.colluders, "statement": self._statement,
+            "declared": [self._declared[0], hx(self._declared[1]), hx(self._declared[2])],
             "stage": str(self.stage), "enc": hx(self._enc.private_bytes()), "mask": hx(self._mask.private_bytes()),
             "b": hx(self._b), "enc_keys": {str(j): hx(k) for j, k in self._enc_keys.items()},
             "pk_mask": {str(j): hx(k) for j, k in self._pk_mask.items()},
@@ -384,7 +385,7 @@ class SecAggClient:
             setup = SecAggSetup.from_message({**s["setup"], "graph_seed": un(s["setup"]["graph_seed"]), "roster": roster})
             client = cls.__new__(cls)
             client.setup, client.id, client.stage = setup, int(s["id"]), Stage(s["stage"])
-            client._identity = identity_key
+            client._identity, client.colluders = identity_key, int(s.get("colluders", 0))
             client._statement = tuple([int(j) for j in part] for part in s["statement"])
             client._declared = (int(s["declared"][0]), un(s["declared"][1]), un(s["declared"][2]))
             client._check_identity()

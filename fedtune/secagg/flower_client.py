@@ -24,7 +24,8 @@ from fedtune.secagg.roster import certificate, node_identity, registered
 from fedtune.secagg.wire import ENCODING, GRAPH, IDENTIFY, MASKED, STAGE, STATE, Encoding, flatten, from_record, to_record
 
 COIN = "fedtune-secagg-coin"  # the graph seed's coin toss, between identify and advertise (coin.py)
-SETUP_KEYS = ("round", "field_bits", "length", "degree", "threshold", "min_inputs", "client_ids", "graph_seed", "roster")
+SETUP_KEYS = ("round", "field_bits", "length", "degree", "threshold", "min_inputs", "client_ids", "graph_seed", "roster",
+              "colluders")
 
 
 @dataclass
@@ -61,13 +62,14 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
                  min_inputs: Callable[[], int] | None = None,
                  who: Callable[[], str] | None = None,
                  bind: Callable[[int, bytes], None] | None = None,
-                 keep: Callable[[], Path | None] | None = None) -> Message:
+                 keep: Callable[[], Path | None] | None = None, colluders: Callable[[], int] | None = None) -> Message:
     """Answer one SecAgg+ stage. ``train`` runs the local round (ledger first) for collect;
     ``check`` vets the server's encoding at setup (raising to refuse the round);
     ``min_inputs()`` is this client's own floor on real inputs per sum (a setup with a lower
     one is refused); ``who()`` its name; ``bind(round, input set)`` records, before this
     client signs it, the input set its update goes into (a resend must match it; raising
-    refuses). Its identity key: roster.node_identity (simulation: kept in the file ``keep()``)."""
+    refuses); ``colluders()`` the corrupted clients this client's round must tolerate (a setup
+    that cannot is refused). Its identity key: roster.node_identity (simulation: kept in the file ``keep()``)."""
     config = msg.content["config"]
     key = node_identity(context, keep() if keep is not None else None)
     if str(config.get(STAGE)) in (IDENTIFY, GRAPH):
@@ -77,7 +79,7 @@ def handle_stage(msg: Message, context: Context, train: Callable[[Message], Loca
     except ValueError:
         raise SecAggError(f"secure aggregation: unknown stage {config[STAGE]!r}") from None
     if stage is Stage.ADVERTISE:
-        return _advertise(msg, context, key, check, min_inputs)
+        return _advertise(msg, context, key, check, min_inputs, colluders() if colluders is not None else 0)
     client = _load(context, stage, key)
     if stage is Stage.COLLECT:
         return _collect(msg, context, client, train)
@@ -141,10 +143,10 @@ def _check_graph(context: Context, setup: dict[str, Any]) -> None:
 
 
 def _advertise(msg: Message, context: Context, key: identity.SigningKey, check: Callable[[Encoding], None] | None,
-               min_inputs: Callable[[], int] | None) -> Message:
+               min_inputs: Callable[[], int] | None, colluders: int = 0) -> Message:
     config = msg.content["config"]
     body = from_record(config)
-    client = SecAggClient(context.node_id, {k: body.get(k) for k in SETUP_KEYS}, key)
+    client = SecAggClient(context.node_id, {k: body.get(k) for k in SETUP_KEYS}, key, colluders)
     if not client.setup.roster:
         raise SecAggError("secure aggregation: stage 'advertise': the server's setup has no identity roster (the "
                           "checks against a lying server would be off); refusing the round")

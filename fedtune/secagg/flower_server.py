@@ -159,7 +159,7 @@ def _turn_away(roster: dict[int, bytes], cap: int, out: SecureRound) -> None:
 def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord, encoding: Encoding,
                  degree: int, threshold: int, timeout: float,
                  before_unmask: Callable[[list[int]], str] | None = None, min_inputs: int = 3,
-                 admit: Admit | None = None, stage_timeout: float | None = None) -> SecureRound:
+                 admit: Admit | None = None, stage_timeout: float | None = None, colluders: int = 0) -> SecureRound:
     """One training round of ``nodes`` under SecAgg+ secure against a malicious server;
     never raises for a client's fault.
 
@@ -172,7 +172,8 @@ def secure_train(grid, nodes: list[int], server_round: int, arrays: ArrayRecord,
     old = {k: arrays[k].numpy() for k in keys}
     coder = encoding.coder()
     params = SecAggParams(field_bits=coder.field_bits, length=coder.length(sum(v.size for v in old.values())),
-                          degree=degree, threshold=threshold or None, round=server_round, min_inputs=min_inputs)
+                          degree=degree, threshold=threshold or None, round=server_round, min_inputs=min_inputs,
+                          colluders=colluders)
     out = SecureRound(arrays=None, included=[])
     stages = _Stages(grid, timeout, server_round, out, stage_timeout)
     try:

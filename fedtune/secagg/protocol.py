@@ -72,7 +72,9 @@ class SecAggParams:
     client (k; the full graph when k >= n - 1). threshold: shares needed to rebuild a secret
     (t; default a majority of the neighbours, floor(k/2) + 1). round: binds keys and
     ciphertexts to this round. min_inputs: the fewest real inputs (clients that trained, not
-    refusals or dropouts) a released sum may contain; below it the round aborts."""
+    refusals or dropouts) a released sum may contain; below it the round aborts. colluders: c,
+    the clients the server may control that the round still tolerates (raises the default t to
+    floor((k + c)/2) + 1 and the quorum to floor((n + c)/2) + 1; docs/secure-aggregation.md)."""
 
     field_bits: int
     length: int
@@ -80,6 +82,7 @@ class SecAggParams:
     threshold: int | None = None
     round: int = 0
     min_inputs: int = 2  # fewest real inputs (not refusals, not dropouts) a released sum may hold
+    colluders: int = 0  # corrupted clients tolerated besides a malicious server
 
     def __post_init__(self) -> None:
         if not 1 <= self.field_bits <= MAX_FIELD_BITS:
@@ -93,6 +96,8 @@ class SecAggParams:
         if self.min_inputs < 2:
             raise FedtuneError(f"secure aggregation: min_inputs must be at least 2, not {self.min_inputs}: a sum "
                                "of one input is that input")
+        if not 0 <= self.colluders <= MAX_CLIENT_ID:
+            raise FedtuneError(f"secure aggregation: colluders must be >= 0, not {self.colluders}")
         if not 0 <= self.round <= MAX_CLIENT_ID:
             raise FedtuneError(f"secure aggregation: round must be a non-negative 64-bit integer, not {self.round}")
 
@@ -103,7 +108,7 @@ class SecAggParams:
         """t for n clients, checked: t <= k (rebuildable) and t > k/2 (a server cannot get both
         kinds of share of one client by telling its neighbours different stories)."""
         k = self.degree_for(n)
-        t = self.threshold if self.threshold is not None else k // 2 + 1
+        t = self.threshold if self.threshold is not None else colluder_threshold(k, self.colluders)
         self._check_threshold(t, k)
         return t
 
@@ -167,8 +172,9 @@ class SecAggSetup:
     def quorum(self) -> int:
         """Signatures on one survivor set a client needs before it reveals shares: more than
         half of the round's clients (two different sets cannot both get that many honest
-        signers) and at least t."""
-        return max(self.threshold, self.n // 2 + 1)
+        signers) and at least t; with c colluders, two such sets share more than c signers
+        (floor((n + c)/2) + 1), so one of them is honest and signed one set only."""
+        return max(self.threshold, colluder_quorum(self.n, self.params.colluders))
 
     @cached_property
     def digest(self) -> bytes:
@@ -181,6 +187,7 @@ class SecAggSetup:
     def to_message(self) -> dict[str, Any]:
         p = self.params
         extra = {"roster": dict(self.roster)} if self.roster else {}
+        extra |= {"colluders": p.colluders} if p.colluders else {}  # absent at 0: older setups' digest
         return {**extra, "round": p.round, "field_bits": p.field_bits, "length": p.length, "degree": self.degree,
                 "threshold": self.threshold, "min_inputs": p.min_inputs, "client_ids": list(self.client_ids),
                 "graph_seed": self.graph_seed}
@@ -190,11 +197,38 @@ class SecAggSetup:
         try:
             params = SecAggParams(field_bits=int(msg["field_bits"]), length=int(msg["length"]),
                                   degree=int(msg["degree"]), threshold=int(msg["threshold"]),
-                                  round=int(msg["round"]), min_inputs=int(msg["min_inputs"]))
+                                  round=int(msg["round"]), min_inputs=int(msg["min_inputs"]),
+                                  colluders=int(msg.get("colluders") or 0))
             roster = {int(c): bytes(k) for c, k in (msg.get("roster") or {}).items()}
             return cls(params, tuple(int(c) for c in msg["client_ids"]), bytes(msg["graph_seed"]), roster)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SecAggError(f"secure aggregation: malformed setup message ({e!r})") from None
+
+
+def colluder_threshold(k: int, c: int) -> int:
+    """The least t such that c colluding neighbours plus honest ones split between two stories
+    cannot rebuild both secrets of one client: 2t - c > k."""
+    return (k + c) // 2 + 1
+
+
+def colluder_quorum(n: int, c: int) -> int:
+    """The least quorum such that two quorums among n clients share more than c: 2q - n > c."""
+    return (n + c) // 2 + 1
+
+
+def colluder_shortfall(setup: SecAggSetup, c: int) -> str:
+    """'' if ``setup`` tolerates c colluding clients (its threshold, and the quorum its server
+    collects, are high enough), else what falls short and the fix."""
+    n, k, t = setup.n, setup.degree, setup.threshold
+    need_t, need_q = colluder_threshold(k, c), colluder_quorum(n, c)
+    if need_t > k:
+        return (f"tolerating {c} colluding clients needs t >= {need_t} of each client's {k} neighbours, more than "
+                f"it has with {n} clients; lower secagg.colluders below {k} or add clients")
+    if t < need_t or setup.params.colluders < c:
+        return (f"the server's setup (t={t} of {k} neighbours, quorum {setup.quorum} of {n}, colluders="
+                f"{setup.params.colluders}) is below what tolerating {c} colluding clients needs (t >= {need_t}, "
+                f"quorum >= {need_q}); set secagg.colluders = {c} (and secagg.threshold = 0 or >= {need_t}) in the run")
+    return ""
 
 
 def sign(me: int, peer: int) -> int:

@@ -20,7 +20,7 @@ def secure_round(grid: Grid, cfg: config_mod.Config, round_: int, arrays: ArrayR
     g = cfg.secagg
     sec = secure_train(grid, nodes, round_, arrays, Encoding(g.bits, g.clip, g.max_weight, n_max=len(nodes), ddg=ddg),
                        g.degree, g.threshold, timeout, before_unmask, min_inputs=g.min_inputs, admit=registered_check(),
-                       stage_timeout=cfg.federation.stage_timeout)
+                       stage_timeout=cfg.federation.stage_timeout, colluders=g.colluders)
     outcomes = []
     for node in nodes:
         reply = sec.replies.get(node)
