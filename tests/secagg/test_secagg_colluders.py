@@ -178,3 +178,30 @@ def test_config_rejects_colluders_the_round_cannot_meet(secagg, message):
     with pytest.raises(FedtuneError, match=message):
         tiny_config(federation={"clients": 5}, secagg={"enabled": True, **secagg})
     assert tiny_config(federation={"clients": 5}, secagg={"enabled": True, "colluders": 3}).secagg.threshold == 0
+
+
+# ---- through Flower: the real ClientApp handlers, each client's c from its own run config ----------------------
+@pytest.mark.parametrize("server_colluders", [0, 1])
+def test_through_flower_a_server_below_the_clients_colluders_is_refused_at_advertise(tmp_path, task_identity,
+                                                                                      tiny_path, server_colluders):
+    """4 clients with secagg.colluders = 1 (t = 3 of 3, quorum 3): a server announcing 0 gets a
+    one-line refusal from each at advertise and sums nothing; one announcing 1 sums all four."""
+    from flwr.app import ArrayRecord
+
+    from fedtune.secagg.flower import Encoding, secure_train
+    from fedtune.server import initial_adapter
+    from tests.secagg.test_secagg_flower import NODES, Grid
+
+    cfg = tiny_config(run={"dir": str(tmp_path / "secure")}, privacy={"seed": 5}, federation={"clients": len(NODES)},
+                      secagg={"enabled": True, "colluders": 1})
+    grid, g = Grid(cfg), cfg.secagg
+    enc = Encoding(g.bits, g.clip, g.max_weight, n_max=len(NODES))
+    sec = secure_train(grid, NODES, 1, ArrayRecord(initial_adapter(tiny_config(), tiny_path)), enc, degree=g.degree,
+                       threshold=0, timeout=60, min_inputs=g.min_inputs, colluders=server_colluders)
+    if server_colluders == 0:
+        assert sec.aborted and sec.arrays is None and sec.included == []
+        assert all("stage 'advertise'" in sec.lost[n] and "colluders=0" in sec.lost[n] and
+                   "set secagg.colluders = 1" in sec.lost[n] for n in NODES), sec.lost
+        assert "share" not in {stage for stage, _, _ in grid.seen}  # no key was ever exchanged
+    else:
+        assert not sec.aborted and sec.included == NODES
