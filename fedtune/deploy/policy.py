@@ -47,6 +47,9 @@ class Policy:
             raise FedtuneError(f"{where}: policy.models must be a list of model names or folders (got {self.models!r})")
         if not (isinstance(self.secagg_colluders, int) and self.secagg_colluders >= 0):
             raise FedtuneError(f"{where}: policy.secagg_colluders must be an integer >= 0 (got {self.secagg_colluders!r})")
+        if self.secagg_colluders and not self.secagg:
+            raise FedtuneError(f"{where}: policy.secagg_colluders applies under policy.secagg = true (else a run could "
+                               "skip secure aggregation); set both or set secagg_colluders = 0")
         if self.max_client_epsilon > 0 and not self.client_dp:
             raise FedtuneError(f"{where}: policy.max_client_epsilon applies under policy.client_dp = true; set both or "
                                "set max_client_epsilon = 0")

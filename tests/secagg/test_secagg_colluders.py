@@ -157,7 +157,7 @@ def test_a_client_policy_minimum_beats_the_runs_lower_colluders(monkeypatch):
     server sending a run with 0 cannot lower the operator's 2 (and a run may ask for more)."""
     from fedtune.client import secure
 
-    node_config = Policy(secagg_colluders=2).check("client.toml").to_node_config()
+    node_config = Policy(secagg=True, secagg_colluders=2).check("client.toml").to_node_config()
     policy = Policy.from_node_config(node_config)
     assert policy.secagg_colluders == 2
     monkeypatch.setattr(secure, "deployed_node", lambda nc: SimpleNamespace(policy=policy))
@@ -166,7 +166,9 @@ def test_a_client_policy_minimum_beats_the_runs_lower_colluders(monkeypatch):
         monkeypatch.setattr(secure, "config_from_context", lambda context, cfg=cfg: cfg)
         assert secure.colluders(SimpleNamespace(node_config=node_config)) == expected
     with pytest.raises(FedtuneError, match="policy.secagg_colluders must be an integer >= 0"):
-        Policy(secagg_colluders=-1).check("client.toml")
+        Policy(secagg=True, secagg_colluders=-1).check("client.toml")
+    with pytest.raises(FedtuneError, match="policy.secagg_colluders applies under policy.secagg = true"):
+        Policy(secagg_colluders=1).check("client.toml")
 
 
 @pytest.mark.parametrize("secagg, message", [
