@@ -153,6 +153,8 @@ def test_a_weaker_client_level_epsilon_is_refused_at_the_first_secure_message(tm
     ({"dp": "yes"}, "policy.dp must be a bool"),
     ({"strict": True}, "unknown key policy.strict"),
     ({"models": "smollm2"}, "policy.models must be a list"),
+    ({"secagg": True, "secagg_colluders": -1}, "policy.secagg_colluders must be an integer >= 0"),
+    ({"secagg_colluders": 2}, "policy.secagg_colluders applies under policy.secagg = true"),
 ])
 def test_a_bad_policy_is_one_line_naming_the_file_and_exit_2(tmp_path, table, fix):
     import subprocess
